@@ -1,0 +1,158 @@
+"""``csmserve serve | say | make-tiny-model``. Every ``serve`` flag is also a ``CSM_*`` variable.
+
+Imports nothing heavy before a command runs: ``csmserve --help`` does not load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from csmserve.config import Settings
+
+EXIT_LOAD_FAILED = 3
+
+
+def _flag_type(annotation):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, list(typing.get_args(annotation))
+    if args:
+        return _flag_type(args[0])
+    if annotation is bool:
+        return "bool", None
+    return annotation, None
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, documented with its env variable and default."""
+    for name, field in Settings.model_fields.items():
+        kind, choices = _flag_type(field.annotation)
+        flag = "--" + name.replace("_", "-")
+        env = f"CSM_{name.upper()}"
+        default = field.default
+        help_text = f"{field.description or ''} [env {env}; default {default}]".strip()
+        if kind == "bool":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            convert = kind if kind in (int, float, str, Path) else str
+            parser.add_argument(flag, dest=name, type=convert, choices=choices, default=None, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    return Settings(**overrides)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"error: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    import uvicorn
+
+    from csmserve.server.app import create_app
+
+    failure: list = []
+
+    def on_load_failed(error) -> None:
+        failure.append(error)
+        server.should_exit = True
+
+    app = create_app(settings, on_load_failed=on_load_failed)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws_per_message_deflate=False,
+        # Frames a little over the limit get a JSON error from the app; far larger ones a 1009 close.
+        ws_max_size=max(1 << 20, 4 * settings.max_message_bytes),
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if failure:
+        print(f"error: {failure[0].message}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
+    return 0
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    import soundfile as sf
+    import numpy as np
+
+    from csmserve.client import CsmClient, ServerError
+
+    async def run():
+        async with CsmClient(args.url) as client:
+            return await client.synthesize(args.text, args.speaker, **({"seed": args.seed} if args.seed is not None else {}))
+
+    try:
+        result = asyncio.run(run())
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: cannot reach {args.url}: {exc} (is `csmserve serve` running?)", file=sys.stderr)
+        return 1
+    rate = int(result.done.get("sample_rate", 24000))
+    sf.write(args.output, np.frombuffer(result.pcm, dtype="<i2"), rate, subtype="PCM_16")
+    ttfa = f"{1000 * result.ttfa_s:.0f} ms" if result.ttfa_s is not None else "n/a"
+    print(
+        f"wrote {args.output}: {len(result.pcm) / 2 / rate:.2f} s of audio in {len(result.chunk_sizes)} chunks; "
+        f"time to first audio {ttfa}"
+    )
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from csmserve.engine.tiny import make_tiny_model
+
+    path = make_tiny_model(args.directory)
+    print(f"wrote the offline CSM checkpoint (random weights: its audio is noise) to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="csmserve", description="Real-time streaming server for Sesame CSM-1B.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the server")
+    add_settings_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    say = sub.add_parser("say", help="stream speech from a running server into a WAV file")
+    say.add_argument("text")
+    say.add_argument("-o", "--output", default="out.wav", help="WAV file to write")
+    say.add_argument("--url", default="ws://127.0.0.1:8000/ws/generate", help="server WebSocket URL")
+    say.add_argument("--speaker", type=int, default=0, help="speaker id")
+    say.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same audio)")
+    say.set_defaults(func=cmd_say)
+
+    tiny = sub.add_parser("make-tiny-model", help="write the offline CSM checkpoint (random weights)")
+    tiny.add_argument("directory", type=Path)
+    tiny.set_defaults(func=cmd_make_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))

@@ -1,0 +1,80 @@
+"""Server settings: one frozen object, read from ``CSM_*`` environment variables and CLI flags.
+
+Never imports torch: ``csmserve --help`` and the protocol layer must stay light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "sesame/csm-1b"
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Each field is also ``CSM_<NAME>`` and ``--<name>``."""
+
+    model_config = SettingsConfigDict(env_prefix="CSM_", frozen=True, extra="ignore")
+
+    # Model
+    model: str | None = Field(
+        None,
+        description=(
+            "Hugging Face model id or local checkpoint directory. Unset: sesame/csm-1b when a token "
+            "or a cached copy is available, else the offline model (random weights, noise). "
+            "An explicit value never falls back."
+        ),
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on CUDA that supports it, else float16 on CUDA, float32 on CPU."
+    )
+    engine: Literal["csm", "fake"] = Field(
+        "csm", description="csm: the model. fake: a deterministic tone generator for tests and load tests."
+    )
+    offline_model_dir: Path = Field(
+        Path("var/offline-model"), description="Where the offline model is written when it is needed."
+    )
+    warmup: bool = Field(True, description="Run one short generation at start-up before reporting ready.")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+
+    # Server
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Requests
+    max_text_chars: int = Field(1000, ge=1, description="Longest accepted text, in characters.")
+    min_speaker_id: int = Field(0, description="Lowest accepted speaker_id.")
+    max_speaker_id: int = Field(9, description="Highest accepted speaker_id.")
+    default_chunk_ms: int = Field(200, ge=20, le=1000, description="Audio chunk length when a request names none.")
+    max_audio_ms: int = Field(
+        90_000, ge=80, description="Cap on one request's audio; the default per request is derived from its text."
+    )
+    ms_per_char: int = Field(
+        120, ge=10, description="Default audio budget per text character (generous: speech is ~70 ms/char)."
+    )
+    min_audio_ms: int = Field(4_000, ge=80, description="Default audio budget floor for very short texts.")
+    max_pending_per_connection: int = Field(
+        8, ge=1, description="Requests queued on one WebSocket before new ones are refused."
+    )
+    max_message_bytes: int = Field(65_536, ge=1024, description="Largest accepted WebSocket message.")
+
+    # REST audio store
+    audio_dir: Path = Field(Path("var/audio"), description="Where /generate keeps WAV files for download.")
+    audio_max_files: int = Field(256, ge=1, description="Most WAV files kept; the oldest go first.")
+    audio_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Most bytes of WAV kept.")
+    audio_ttl_s: int = Field(3600, ge=1, description="Seconds a WAV stays downloadable.")
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Settings:
+        if self.min_speaker_id > self.max_speaker_id:
+            raise ValueError("min_speaker_id must not exceed max_speaker_id")
+        return self
+
+    def audio_budget_ms(self, text: str) -> int:
+        """Default maximum audio for ``text``: proportional to its length, within the server cap."""
+        return min(self.max_audio_ms, max(self.min_audio_ms, len(text) * self.ms_per_char))

@@ -1,0 +1,72 @@
+"""The model side, behind one small contract the server relies on.
+
+An engine has ``sample_rate``, ``info``, ``start()``/``close()`` and ``synthesize(request)``, an
+async iterator of mono float32 audio pieces at ``sample_rate``. Chunking, encoding, framing and
+metrics stay outside. This module never imports torch; :func:`create_engine` imports the engine
+that was chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from csmserve.config import Settings
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    """What the engine needs for one utterance (already validated by the protocol layer)."""
+
+    text: str
+    speaker_id: int = 0
+    max_audio_ms: int = 10_000
+    temperature: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    request_id: str | None = None
+
+
+@dataclass
+class EngineInfo:
+    """What ``/health`` and the start-up log say about the model."""
+
+    name: str
+    model: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    offline_model: bool = False
+    ready: bool = False
+    failed: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    sample_rate: int
+    info: EngineInfo
+
+    async def start(self) -> None:
+        """Load and warm up. Returns when the engine can synthesise (or raises ModelLoadError)."""
+
+    async def close(self) -> None:
+        """Stop the worker and free the model."""
+
+    def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
+        """Audio for ``request`` as float32 mono pieces at ``sample_rate``, each yielded as soon as
+        it exists. Safe to cancel: closing the iterator (or cancelling the task iterating it) stops
+        generation between two frames."""
+
+
+def create_engine(settings: Settings) -> Engine:
+    """The engine ``settings.engine`` names, not yet started."""
+    if settings.engine == "fake":
+        from csmserve.engine.fake import FakeEngine
+
+        return FakeEngine()
+    from csmserve.engine.csm import CsmEngine
+
+    return CsmEngine(settings)

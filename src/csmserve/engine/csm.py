@@ -1,0 +1,174 @@
+"""The CSM engine: the loaded model, its frame loop and streaming codec, behind one worker thread.
+
+For each request the worker builds the prompt ``"[{speaker_id}]{text}"`` with the processor (with
+special tokens, as the model card does), runs :class:`FrameGenerator` and decodes each frame with
+:class:`StreamingMimiDecoder` as soon as it exists, so the first audio leaves after one frame,
+whatever the length of the text.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from csmserve.config import DEFAULT_MODEL, Settings
+from csmserve.engine import EngineInfo, SynthesisRequest
+from csmserve.engine.worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+FRAME_MS = 80
+
+
+def ensure_offline_model(directory: Path) -> Path:
+    """The offline checkpoint in ``directory``, written there on first use."""
+    from csmserve.engine.tiny import OFFLINE_MARKER, make_tiny_model
+
+    config = directory / "config.json"
+    if config.is_file() and OFFLINE_MARKER in config.read_text():
+        return directory
+    log.info("writing the offline model to %s", directory)
+    return make_tiny_model(directory)
+
+
+def choose_model(settings: Settings) -> tuple[str, bool]:
+    """The model to load and whether it was chosen implicitly (``settings.model`` unset)."""
+    if settings.model:
+        return settings.model, False
+    from csmserve.engine.loading import default_model_available
+
+    if default_model_available():
+        return DEFAULT_MODEL, True
+    return str(ensure_offline_model(settings.offline_model_dir)), True
+
+
+OFFLINE_WARNING = (
+    "\n" + "!" * 78 + "\n"
+    "!! csmserve is running the OFFLINE MODEL: random weights, its audio is NOISE.\n"
+    "!! For the real voice: accept the licence at https://huggingface.co/sesame/csm-1b,\n"
+    "!! export HF_TOKEN=<read token>, and restart (or pass --model).\n" + "!" * 78
+)
+
+
+class CsmEngine:
+    """Serves ``CsmForConditionalGeneration`` from one worker thread. See :class:`csmserve.engine.Engine`."""
+
+    sample_rate = 24_000
+
+    def __init__(self, settings: Settings, *, from_pretrained=None):
+        self.settings = settings
+        self.info = EngineInfo(name="csm", model=settings.model or DEFAULT_MODEL)
+        self._from_pretrained = from_pretrained
+        self._worker = ModelWorker(setup=self._thread_setup)
+        self._loaded = None
+        self._frames = None
+        self._decoder = None
+        self.frame_size = 1920
+
+    def _thread_setup(self) -> None:
+        import torch
+
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+
+    async def start(self) -> None:
+        self._worker.start()
+        await self._worker.call(self._load)
+
+    async def close(self) -> None:
+        self._worker.stop()
+
+    # -- worker thread ------------------------------------------------------------------------
+    def _load(self) -> None:
+        from csmserve.engine.frames import FrameGenerator
+        from csmserve.engine.loading import load_csm
+        from csmserve.engine.mimi_stream import StreamingMimiDecoder
+        from csmserve.engine.tiny import is_offline_model
+        from csmserve.errors import ModelLoadError
+
+        model_ref, implicit = choose_model(self.settings)
+        self.info.model = model_ref
+        started = time.monotonic()
+        try:
+            loaded = load_csm(
+                model_ref, self.settings.device, self.settings.dtype, from_pretrained=self._from_pretrained
+            )
+        except ModelLoadError as exc:
+            if not implicit or model_ref != DEFAULT_MODEL:
+                raise
+            log.error("%s", exc.message)
+            log.warning("falling back to the offline model because no model was configured")
+            model_ref = str(ensure_offline_model(self.settings.offline_model_dir))
+            self.info.model = model_ref
+            loaded = load_csm(model_ref, self.settings.device, self.settings.dtype)
+        self._loaded = loaded
+        self.info.device, self.info.dtype = loaded.device, loaded.dtype
+        self.info.offline_model = is_offline_model(loaded.model.config)
+        self.sample_rate = int(loaded.model.config.codec_config.sampling_rate)
+        self._frames = FrameGenerator(loaded.model)
+        self._decoder = StreamingMimiDecoder(loaded.model.codec_model)
+        self.frame_size = self._decoder.frame_size
+        log.info("model loaded in %.1f s (%s, %s, %s)", time.monotonic() - started, model_ref, loaded.device, loaded.dtype)
+        if self.info.offline_model:
+            log.warning(OFFLINE_WARNING)
+        if self.settings.warmup:
+            started = time.monotonic()
+            for _ in self._generate(SynthesisRequest(text="Hello.", max_audio_ms=2 * FRAME_MS, seed=0), threading.Event()):
+                pass
+            log.info("warm-up done in %.1f s", time.monotonic() - started)
+        self.info.ready = True
+
+    def prompt_ids(self, request: SynthesisRequest):
+        """Token ids ``(1, T)`` for ``"[speaker]text"`` with BOS/EOS, exactly as the model card builds them."""
+        inputs = self._loaded.processor(f"[{request.speaker_id}]{request.text}", add_special_tokens=True)
+        return inputs["input_ids"]
+
+    def max_frames(self, request: SynthesisRequest) -> int:
+        return max(1, request.max_audio_ms // FRAME_MS)
+
+    def _generate(self, request: SynthesisRequest, cancelled: threading.Event) -> Iterator[np.ndarray]:
+        import torch
+
+        frames = self._frames
+        decoder = self._decoder
+        decoder.reset()
+        embeds = frames.embed_text(self.prompt_ids(request))
+        codes_iter = frames.frames(
+            embeds,
+            self.max_frames(request),
+            temperature=request.temperature,
+            top_k=request.top_k,
+            seed=request.seed,
+        )
+        try:
+            for codes in codes_iter:
+                if cancelled.is_set():
+                    return
+                with torch.inference_mode():
+                    audio = decoder.decode(codes[:, None].to(frames.device))
+                yield audio.float().cpu().numpy()
+        finally:
+            codes_iter.close()
+
+    def frame_codes(self, request: SynthesisRequest, *, greedy: bool = False) -> list:
+        """All codes for ``request`` (no audio), on the calling thread: for tests and benchmarks."""
+        embeds = self._frames.embed_text(self.prompt_ids(request))
+        return list(
+            self._frames.frames(
+                embeds, self.max_frames(request), temperature=request.temperature, top_k=request.top_k,
+                seed=request.seed, greedy=greedy,
+            )
+        )
+
+    async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
+        if not self.info.ready:
+            from csmserve.errors import NotReady
+
+            raise NotReady("the model is still loading; retry when /health says healthy")
+        async for piece in self._worker.stream(lambda cancelled: self._generate(request, cancelled)):
+            yield piece

@@ -1,0 +1,78 @@
+"""A deterministic test engine: the real worker thread and contract, a tone instead of a model.
+
+Used by tests (it can be slow, or fail, on demand) and by ``make load`` to measure the server alone.
+Its audio for a request is a pure function of (text, speaker_id, seed): tests compare what a client
+received with :meth:`FakeEngine.render` sample for sample.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import numpy as np
+
+from csmserve.engine import EngineInfo, SynthesisRequest
+from csmserve.engine.worker import ModelWorker
+from csmserve.errors import NotReady
+
+FRAME_MS = 80
+
+
+class FakeEngine:
+    """Tones in 80 ms frames, one frame every ``frame_delay_s``; ``fail_at_frame`` raises there."""
+
+    sample_rate = 24_000
+    frame_size = 1920
+
+    def __init__(self, *, frame_delay_s: float = 0.0, fail_at_frame: int | None = None, load_delay_s: float = 0.0):
+        self.frame_delay_s = frame_delay_s
+        self.fail_at_frame = fail_at_frame
+        self.load_delay_s = load_delay_s
+        self.info = EngineInfo(name="fake", model="fake-tone", offline_model=True)
+        self._worker = ModelWorker(name="fake-worker")
+        #: Frames computed per request id (tests check how many were made after a cancel).
+        self.frames_made: dict[str | None, int] = {}
+
+    async def start(self) -> None:
+        self._worker.start()
+        if self.load_delay_s:
+            await self._worker.call(lambda: time.sleep(self.load_delay_s))
+        self.info.ready = True
+
+    async def close(self) -> None:
+        self._worker.stop()
+
+    def num_frames(self, request: SynthesisRequest) -> int:
+        return max(1, min(request.max_audio_ms // FRAME_MS, 2 + len(request.text) // 4))
+
+    def frame(self, request: SynthesisRequest, index: int) -> np.ndarray:
+        """Frame ``index`` of ``request``'s audio: float32 ``(1920,)`` in [-0.5, 0.5]."""
+        seed = request.seed or 0
+        freq = 110.0 * (1 + request.speaker_id) + (seed % 97) + (sum(map(ord, request.text)) % 50)
+        t = (np.arange(self.frame_size) + index * self.frame_size) / self.sample_rate
+        return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+    def render(self, request: SynthesisRequest) -> np.ndarray:
+        """The whole utterance at once (what a client must receive, before int16 conversion)."""
+        return np.concatenate([self.frame(request, i) for i in range(self.num_frames(request))])
+
+    def _generate(self, request: SynthesisRequest, cancelled: threading.Event) -> Iterator[np.ndarray]:
+        key = request.request_id
+        self.frames_made[key] = 0
+        for index in range(self.num_frames(request)):
+            if cancelled.is_set():
+                return
+            if self.frame_delay_s:
+                time.sleep(self.frame_delay_s)
+            if self.fail_at_frame is not None and index == self.fail_at_frame:
+                raise RuntimeError("injected model failure")
+            self.frames_made[key] += 1
+            yield self.frame(request, index)
+
+    async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
+        if not self.info.ready:
+            raise NotReady("the model is still loading; retry when /health says healthy")
+        async for piece in self._worker.stream(lambda cancelled: self._generate(request, cancelled)):
+            yield piece

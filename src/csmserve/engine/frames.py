@@ -1,0 +1,158 @@
+"""CSM's frame loop: one 80 ms frame of 32 codebook ids at a time, yielded as soon as it exists.
+
+Per frame: the 1B backbone reads the previous frame and predicts codebook 0; the depth decoder,
+seeded with the backbone's last hidden state, predicts codebooks 1..31 one after another. Both run
+over :class:`~csmserve.engine.kv_stack.KVCachedStack` (pre-allocated caches, no per-frame
+``generate()`` set-up); the only host sync per frame is copying its 32 ids to the CPU, which the
+end-of-audio check and the codec need anyway.
+
+Matches ``CsmForConditionalGeneration.generate``: greedy codes are equal token for token (tests),
+sampling applies temperature then top-k to float32 logits, and generation ends on a frame whose
+codebooks 0..30 are all ``codebook_eos_token_id`` (that frame is not yielded). Ids the codec cannot
+decode (>= its codebook size, e.g. the padding id 2050) are never sampled, whatever the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from csmserve.engine.kv_stack import KVCachedStack
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings for one stage; ``temperature=None`` (or ``do_sample=False``) is greedy."""
+
+    do_sample: bool = True
+    temperature: float = 0.9
+    top_k: int | None = 50
+
+    @classmethod
+    def from_generation_config(cls, config) -> Sampling:
+        temperature = getattr(config, "temperature", None)
+        return cls(
+            do_sample=bool(getattr(config, "do_sample", False)),
+            temperature=1.0 if temperature is None else float(temperature),
+            top_k=getattr(config, "top_k", None),
+        )
+
+    def override(self, temperature: float | None = None, top_k: int | None = None) -> Sampling:
+        return Sampling(
+            do_sample=self.do_sample,
+            temperature=self.temperature if temperature is None else temperature,
+            top_k=self.top_k if top_k is None else top_k,
+        )
+
+
+GREEDY = Sampling(do_sample=False)
+
+
+class FrameGenerator:
+    """Generates audio frames for one request at a time over a loaded ``CsmForConditionalGeneration``.
+
+    Owns two KV caches (backbone: ``max_position_embeddings`` positions; depth decoder: one frame),
+    allocated once. Not thread-safe: the model worker thread is its only user.
+    """
+
+    def __init__(self, model):
+        config = model.config
+        self.model = model
+        self.config = config
+        self.num_codebooks = config.num_codebooks
+        self.vocab_size = config.vocab_size
+        self.valid_ids = min(config.vocab_size, config.codec_config.codebook_size)
+        self.eos_id = config.codebook_eos_token_id
+        self.max_positions = config.max_position_embeddings
+        backbone = model.backbone_model
+        depth = model.depth_decoder.model
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.backbone = KVCachedStack(backbone.layers, backbone.norm, backbone.rotary_emb, self.max_positions)
+        self.depth = KVCachedStack(depth.layers, depth.norm, depth.rotary_emb, self.num_codebooks)
+        self.audio_embed = backbone.embed_tokens.embed_audio_tokens
+        self.depth_embed = depth.embed_tokens
+        self.depth_projector = depth.inputs_embeds_projector
+        # (num_codebooks - 1, depth_hidden, vocab): head p-1 predicts codebook p.
+        self.depth_heads = model.depth_decoder.codebooks_head.weight
+        self.audio_offsets = torch.arange(self.num_codebooks, device=self.device) * self.vocab_size
+        self.backbone_sampling = Sampling.from_generation_config(model.generation_config)
+        self.depth_sampling = Sampling.from_generation_config(model.depth_decoder.generation_config)
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings ``(1, T, hidden)`` for text token ids ``(1, T)``."""
+        return self.model.embed_text_tokens(input_ids.to(self.device))
+
+    def embed_frames(self, codes: torch.Tensor) -> torch.Tensor:
+        """Backbone embeddings ``(1, F, hidden)`` for audio frames ``(F, num_codebooks)``: the sum over codebooks."""
+        return self.audio_embed(codes.to(self.device) + self.audio_offsets).sum(dim=1)[None]
+
+    def _sample(self, logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+        # logits: (1, vocab) -> ids (1,). Float32 like generate(); invalid codec ids are never chosen.
+        logits = logits.float()
+        logits[..., self.valid_ids :] = float("-inf")
+        if not sampling.do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits / sampling.temperature
+        if sampling.top_k is not None and sampling.top_k < self.valid_ids:
+            kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    def _depth_frame(self, hidden: torch.Tensor, c0: torch.Tensor, sampling: Sampling, generator) -> torch.Tensor:
+        """Codebooks 0..N-1 ``(N,)`` on the device, from the backbone's last hidden ``(1, 1, H)`` and codebook 0."""
+        codes = [c0]
+        first = torch.cat([hidden, self.depth_embed(c0)[None]], dim=1)
+        out = self.depth.forward(self.depth_projector(first), 0)[:, -1]
+        for p in range(1, self.num_codebooks):
+            ids = self._sample(out @ self.depth_heads[p - 1], sampling, generator)
+            codes.append(ids)
+            if p == self.num_codebooks - 1:
+                break
+            x = self.depth_projector(self.depth_embed(ids + p * self.vocab_size)[None])
+            out = self.depth.forward(x, p + 1)[:, -1]
+        return torch.cat(codes)
+
+    @torch.inference_mode()
+    def frames(
+        self,
+        prompt_embeds: torch.Tensor,
+        max_frames: int,
+        *,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        greedy: bool = False,
+    ) -> Iterator[torch.Tensor]:
+        """Yield each frame's codes as a CPU ``LongTensor`` of shape ``(num_codebooks,)``.
+
+        ``prompt_embeds``: ``(1, T, hidden)`` from :meth:`embed_text` (and, for context, frames).
+        Stops at end-of-audio, after ``max_frames`` frames, or when the context window is full.
+        Closing the iterator between two frames stops the work there.
+        """
+        length = prompt_embeds.shape[1]
+        if length >= self.max_positions:
+            raise ValueError(f"prompt of {length} positions leaves no room in the {self.max_positions} window")
+        max_frames = min(max_frames, self.max_positions - length)
+        backbone = GREEDY if greedy else self.backbone_sampling.override(temperature, top_k)
+        depth = GREEDY if greedy else self.depth_sampling.override(temperature, top_k)
+        generator = None
+        if not greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        hidden = self.backbone.forward(prompt_embeds.to(self.dtype), 0)[:, -1:]
+        position = length
+        for _ in range(max_frames):
+            c0 = self._sample(self.model.lm_head(hidden[:, -1]), backbone, generator)
+            codes = self._depth_frame(hidden, c0, depth, generator).cpu()
+            if bool((codes[:-1] == self.eos_id).all()):
+                return
+            yield codes
+            if position >= self.max_positions:
+                return
+            hidden = self.backbone.forward(self.embed_frames(codes[None]), position)
+            position += 1

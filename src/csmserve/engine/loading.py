@@ -1,0 +1,229 @@
+"""Finding, downloading and loading a CSM checkpoint, with errors a person can act on.
+
+The order matters for the messages: check that ``transformers`` has CSM, resolve the model (local
+directory or Hugging Face id, downloading only the files the server needs), check it *is* a CSM
+checkpoint, then load processor and weights on the chosen device and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from csmserve.config import DEFAULT_MODEL
+from csmserve.errors import (
+    GatedModelError,
+    LoadOutOfMemory,
+    ModelLoadError,
+    ModelNotFound,
+    ModelUnavailableOffline,
+    NotACsmCheckpoint,
+    UnsupportedTransformers,
+)
+
+log = logging.getLogger(__name__)
+
+# The server needs configs, tokenizer and safetensors weights; the real repo also holds a 6 GB ckpt.pt.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+TOKEN_HELP = (
+    "create a read token at https://huggingface.co/settings/tokens and export HF_TOKEN=<token> "
+    "(or run `hf auth login`)"
+)
+
+
+def licence_help(model: str) -> str:
+    return f"accept the licence at https://huggingface.co/{model} while logged in to Hugging Face"
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    path: Path
+    device: str
+    dtype: str
+
+
+def hub_token() -> str | None:
+    """The Hugging Face token from HF_TOKEN or the saved login, never prompting."""
+    from huggingface_hub import get_token
+
+    return os.environ.get("HF_TOKEN") or get_token()
+
+
+def is_cached(model: str) -> bool:
+    """True when the hub cache holds a config for ``model`` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(model, "config.json")
+    return isinstance(found, str)
+
+
+def default_model_available() -> bool:
+    """Whether ``make serve`` can use sesame/csm-1b: a token or a cached copy exists."""
+    return bool(hub_token()) or is_cached(DEFAULT_MODEL)
+
+
+def require_csm() -> str:
+    """Return the transformers version, or raise when it has no CSM."""
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise UnsupportedTransformers(f"transformers is not installed ({exc}); pip install 'transformers>=4.52.1'")
+    version = getattr(transformers, "__version__", "unknown")
+    try:
+        from transformers import CsmForConditionalGeneration  # noqa: F401
+    except ImportError:
+        raise UnsupportedTransformers(
+            f"transformers {version} has no CSM support (added in 4.52.1); "
+            "upgrade with: pip install -U 'transformers>=4.52.1'"
+        ) from None
+    return version
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            "--device cuda was requested but torch sees no CUDA device (CPU-only torch build, or no driver); "
+            "use --device cpu, or install a CUDA build of torch"
+        )
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    import torch
+
+    if dtype != "auto":
+        return dtype
+    if device == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def download(model: str, token: str | None) -> Path:
+    """Fetch ``model`` from the hub (or its cache) and return the local snapshot directory."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    log.info("fetching %s from the Hugging Face hub (or its cache); the first download is ~6 GB", model)
+    try:
+        path = snapshot_download(model, token=token, allow_patterns=ALLOW_PATTERNS)
+    except GatedRepoError:
+        if token:
+            raise GatedModelError(
+                f"{model} is gated and your token has no access yet: {licence_help(model)}, "
+                "then retry with the same token"
+            ) from None
+        raise GatedModelError(
+            f"{model} is gated and no Hugging Face token was found: {licence_help(model)}, then {TOKEN_HELP}"
+        ) from None
+    except RepositoryNotFoundError:
+        if token:
+            raise ModelNotFound(
+                f"{model} was not found on the hub (or your token cannot see it): check the model id, "
+                f"and for a gated model {licence_help(model)}"
+            ) from None
+        raise GatedModelError(
+            f"{model} was not found without a token; if it is gated or private, {licence_help(model)}, "
+            f"then {TOKEN_HELP}"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ModelUnavailableOffline(
+            f"cannot reach the Hugging Face hub and {model} is not in the local cache: check the network "
+            "(or HF_ENDPOINT / proxy settings), download it once with `hf download "
+            f"{model}`, or pass --model /path/to/a/local/checkpoint"
+        ) from None
+    except HFValidationError:
+        raise ModelNotFound(
+            f"{model!r} is neither an existing local directory nor a valid Hugging Face model id"
+        ) from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status == 401:
+            raise GatedModelError(
+                f"the Hugging Face hub rejected your token (401 invalid credentials): {TOKEN_HELP}"
+            ) from None
+        raise ModelLoadError(f"the Hugging Face hub answered an error for {model}: {exc}") from None
+    return Path(path)
+
+
+def check_checkpoint(path: Path) -> dict:
+    """Read ``config.json`` and make sure it describes a CSM model."""
+    config_path = path / "config.json"
+    if not path.is_dir():
+        raise NotACsmCheckpoint(f"{path} is not a directory")
+    if not config_path.is_file():
+        raise NotACsmCheckpoint(
+            f"{path} is not a CSM checkpoint: it has no config.json "
+            "(expected the files of sesame/csm-1b, or run `csmserve make-tiny-model DIR` for an offline one)"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise NotACsmCheckpoint(f"{config_path} cannot be read as JSON: {exc}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "csm":
+        raise NotACsmCheckpoint(
+            f"{path} is not a CSM checkpoint: config.json says model_type={model_type!r}, expected 'csm'"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise NotACsmCheckpoint(f"{path} has a CSM config but no *.safetensors weights")
+    return config
+
+
+def load_csm(
+    model: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    token: str | None = None,
+    from_pretrained: Callable[..., Any] | None = None,
+) -> LoadedModel:
+    """Load processor and model. ``from_pretrained`` replaces the weight loader (tests use it to
+    fail the way a GPU does). Raises a :class:`ModelLoadError` subclass on every known failure."""
+    require_csm()
+    import torch
+    from transformers import AutoProcessor, CsmForConditionalGeneration
+
+    local = Path(model).expanduser()
+    if local.exists() or model.startswith((".", "/", "~")):
+        if not local.exists():
+            raise NotACsmCheckpoint(f"{local} does not exist")
+        path = local
+    else:
+        path = download(model, token if token is not None else hub_token())
+    check_checkpoint(path)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    log.info("loading %s on %s in %s", path, device, dtype)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any failure here means a broken checkpoint
+        raise NotACsmCheckpoint(f"{path}: the processor/tokenizer files cannot be loaded: {exc}") from None
+    loader = from_pretrained or CsmForConditionalGeneration.from_pretrained
+    try:
+        loaded = loader(path, dtype=getattr(torch, dtype), device_map=device)
+    except torch.OutOfMemoryError:
+        raise LoadOutOfMemory(
+            f"out of memory while loading the model on {device} in {dtype}: free the GPU (other processes?), "
+            "use --dtype bfloat16 or float16 (half the memory of float32), or --device cpu"
+        ) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise NotACsmCheckpoint(f"{path}: the weights cannot be loaded as CSM: {exc}") from None
+    loaded.eval()
+    return LoadedModel(model=loaded, processor=processor, path=path, device=device, dtype=dtype)

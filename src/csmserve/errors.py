@@ -1,0 +1,93 @@
+"""One exception tree. Each error knows its wire code, HTTP status and WebSocket close code.
+
+Messages are written for the person who must act on them.
+"""
+
+from __future__ import annotations
+
+
+class CsmServeError(Exception):
+    """Base of every error csmserve raises on purpose."""
+
+    code = "internal_error"
+    http_status = 500
+    #: WebSocket close code when the error ends the connection (most errors do not).
+    ws_close_code = 1011
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidRequest(CsmServeError):
+    """The client sent something we cannot act on; the connection stays usable."""
+
+    code = "invalid_request"
+    http_status = 422
+    ws_close_code = 1007
+
+
+class MessageTooLarge(InvalidRequest):
+    code = "message_too_large"
+    http_status = 413
+    ws_close_code = 1009
+
+
+class NotFound(CsmServeError):
+    code = "not_found"
+    http_status = 404
+
+
+class NotReady(CsmServeError):
+    """The model is still loading (or failed to load)."""
+
+    code = "not_ready"
+    http_status = 503
+    ws_close_code = 1013
+
+
+class Overloaded(CsmServeError):
+    code = "overloaded"
+    http_status = 429
+    ws_close_code = 1013
+
+
+class GenerationFailed(CsmServeError):
+    """The model raised while generating one request; the server keeps serving."""
+
+    code = "generation_failed"
+    http_status = 500
+
+
+class ModelLoadError(CsmServeError):
+    """The model could not be loaded. The server does not start serving."""
+
+    code = "model_load_failed"
+    http_status = 503
+
+
+class GatedModelError(ModelLoadError):
+    code = "model_gated"
+
+
+class ModelUnavailableOffline(ModelLoadError):
+    code = "model_unreachable"
+
+
+class ModelNotFound(ModelLoadError):
+    code = "model_not_found"
+
+
+class NotACsmCheckpoint(ModelLoadError):
+    code = "not_a_csm_checkpoint"
+
+
+class LoadOutOfMemory(ModelLoadError):
+    code = "out_of_memory"
+
+
+class UnsupportedTransformers(ModelLoadError):
+    code = "transformers_without_csm"

@@ -1,0 +1,1 @@
+"""HTTP and WebSocket adapters over the session and engine layers."""

@@ -1,0 +1,115 @@
+"""The application factory: one engine, one audio store, the routes, and loading in the background.
+
+The server listens while the model loads (``/health`` says ``loading`` with 503) and reports
+``healthy`` once the engine is ready. A load failure is logged with its actionable message and
+handed to ``on_load_failed`` (the CLI uses it to exit non-zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from csmserve import __version__
+from csmserve.config import Settings
+from csmserve.engine import Engine, create_engine
+from csmserve.errors import CsmServeError
+from csmserve.protocol import Limits
+from csmserve.server.store import AudioStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    engine: Engine
+    store: AudioStore
+    limits: Limits
+    load_error: CsmServeError | None = None
+
+
+def limits_from(settings: Settings) -> Limits:
+    return Limits(
+        max_text_chars=settings.max_text_chars,
+        min_speaker_id=settings.min_speaker_id,
+        max_speaker_id=settings.max_speaker_id,
+        max_audio_ms=settings.max_audio_ms,
+        default_chunk_ms=settings.default_chunk_ms,
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+    on_load_failed: Callable[[CsmServeError], None] | None = None,
+) -> FastAPI:
+    settings = settings or Settings()
+    engine = engine or create_engine(settings)
+    state = ServerState(
+        settings=settings,
+        engine=engine,
+        store=AudioStore(settings.audio_dir, settings.audio_max_files, settings.audio_max_bytes, settings.audio_ttl_s),
+        limits=limits_from(settings),
+    )
+
+    async def load() -> None:
+        try:
+            await engine.start()
+        except CsmServeError as exc:
+            state.load_error = exc
+            engine.info.failed = exc.message
+            log.error("model load failed: %s", exc.message)
+            if on_load_failed:
+                on_load_failed(exc)
+        except Exception as exc:  # noqa: BLE001 - reported, and the server says so on /health
+            state.load_error = CsmServeError(f"model load failed: {type(exc).__name__}: {exc}")
+            engine.info.failed = state.load_error.message
+            log.exception("model load failed")
+            if on_load_failed:
+                on_load_failed(state.load_error)
+        else:
+            log.info("ready: ws://%s:%s/ws/generate", settings.host, settings.port)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            await engine.close()
+
+    app = FastAPI(title="csmserve", version=__version__, lifespan=lifespan)
+    app.state.csm = state
+
+    @app.exception_handler(CsmServeError)
+    async def _csm_error(_request: Request, exc: CsmServeError) -> JSONResponse:
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        messages = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            messages.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return JSONResponse(
+            {"error": {"code": "invalid_request", "message": "; ".join(messages) or "invalid request"}},
+            status_code=422,
+        )
+
+    from csmserve.server import health, rest, ws
+
+    app.include_router(health.router)
+    app.include_router(rest.router)
+    app.include_router(ws.router)
+    return app

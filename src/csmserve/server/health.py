@@ -1,0 +1,38 @@
+"""``/health``: the seed's fields first, then what an operator wants to know about the model."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter()
+
+OFFLINE_VOICE = "offline model: random weights, the audio is noise"
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    state = request.app.state.csm
+    info = state.engine.info
+    if info.ready:
+        status, code = "healthy", 200
+    elif state.load_error is not None:
+        status, code = "failed", 503
+    else:
+        status, code = "loading", 503
+    body = {
+        "status": status,
+        "device": info.device,
+        "cuda": info.device.startswith("cuda"),
+        "model_loaded": info.ready,
+        "endpoints": {"websocket": "/ws/generate", "rest": "/generate"},
+        "model": info.model,
+        "dtype": info.dtype,
+        "engine": info.name,
+        "offline_model": info.offline_model,
+        "voice": OFFLINE_VOICE if info.offline_model else "real",
+        "sample_rate": state.engine.sample_rate,
+    }
+    if state.load_error is not None:
+        body["error"] = state.load_error.to_dict()
+    return JSONResponse(body, status_code=code)

@@ -1,0 +1,70 @@
+"""REST fallback: ``POST /generate`` (JSON with a download URL, or the WAV itself) and ``GET /audio/<id>.wav``.
+
+Validation is the WebSocket protocol's, so both paths accept and refuse the same requests.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from csmserve.audio.wav import pcm16_to_wav
+from csmserve.errors import CsmServeError, InvalidRequest, NotFound, NotReady
+from csmserve.pipeline import StreamStats, pcm_chunks, synthesis_request
+from csmserve.protocol import parse_generate, parse_json_object
+
+router = APIRouter()
+
+
+def _wants_wav(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return any(part.split(";")[0].strip() in ("audio/wav", "audio/x-wav", "audio/wave") for part in accept.split(","))
+
+
+@router.post("/generate")
+async def generate(request: Request) -> Response:
+    state = request.app.state.csm
+    body = await request.body()
+    try:
+        data = parse_json_object(body.decode("utf-8", errors="replace"))
+    except InvalidRequest as exc:
+        return JSONResponse({"error": exc.to_dict()}, status_code=400)
+    parsed = parse_generate(data, state.limits)
+    engine = state.engine
+    if not engine.info.ready:
+        error = NotReady("the model is still loading; retry when /health says healthy")
+        return JSONResponse({"error": error.to_dict()}, status_code=503, headers={"Retry-After": "5"})
+    stats = StreamStats(engine.sample_rate)
+    pcm = bytearray()
+    try:
+        async for chunk in pcm_chunks(engine, synthesis_request(parsed, state.settings), 1000, None, stats):
+            pcm += chunk
+    except CsmServeError as exc:
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+    wav = pcm16_to_wav(bytes(pcm), engine.sample_rate)
+    if _wants_wav(request):
+        return Response(wav, media_type="audio/wav")
+    stored = state.store.put(wav)
+    body = {
+        "id": stored.id,
+        "url": f"/audio/{stored.id}.wav",
+        "format": "wav",
+        "sample_rate": engine.sample_rate,
+        "duration_s": round(stats.samples / engine.sample_rate, 3),
+        "samples": stats.samples,
+        "bytes": stored.size,
+        "expires_in_s": state.settings.audio_ttl_s,
+    }
+    if parsed.request_id is not None:
+        body["request_id"] = parsed.request_id
+    return JSONResponse(body)
+
+
+@router.get("/audio/{name}")
+async def download(name: str, request: Request) -> Response:
+    store = request.app.state.csm.store
+    audio_id = name[:-4] if name.endswith(".wav") else None
+    item = store.get(audio_id) if audio_id else None
+    if item is None:
+        raise NotFound(f"no audio named {name[:64]!r}: unknown, or expired after {store.ttl_s:.0f} s")
+    return Response(item.path.read_bytes(), media_type="audio/wav")
