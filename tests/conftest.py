@@ -14,6 +14,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+# The offline model is tiny: one intra-op thread is fastest, and two would fight the server threads.
+torch.set_num_threads(1)
+
 from support.servers import running_server  # noqa: E402
 
 
@@ -61,6 +66,7 @@ def csm_server(tiny_model_dir, tmp_path_factory):
         port=0,
         audio_dir=tmp_path_factory.mktemp("audio"),
         max_audio_ms=4000,
+        torch_threads=1,
     )
     with running_server(settings) as server:
         server.wait_ready()

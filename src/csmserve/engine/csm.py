@@ -85,6 +85,19 @@ class CsmEngine:
 
     # -- worker thread ------------------------------------------------------------------------
     def _load(self) -> None:
+        from csmserve.engine.loading import require_csm
+        from csmserve.errors import CsmServeError, ModelLoadError
+
+        require_csm()  # before anything imports transformers' model code
+        try:
+            self._load_model()
+        except CsmServeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever breaks here is a load failure
+            log.exception("model load failed")
+            raise ModelLoadError(f"model load failed: {type(exc).__name__}: {exc}") from exc
+
+    def _load_model(self) -> None:
         from csmserve.engine.frames import FrameGenerator
         from csmserve.engine.loading import load_csm
         from csmserve.engine.mimi_stream import StreamingMimiDecoder

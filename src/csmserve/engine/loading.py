@@ -217,7 +217,7 @@ def load_csm(
         raise NotACsmCheckpoint(f"{path}: the processor/tokenizer files cannot be loaded: {exc}") from None
     loader = from_pretrained or CsmForConditionalGeneration.from_pretrained
     try:
-        loaded = loader(path, dtype=getattr(torch, dtype), device_map=device)
+        loaded = loader(path, dtype=getattr(torch, dtype)).to(device)
     except torch.OutOfMemoryError:
         raise LoadOutOfMemory(
             f"out of memory while loading the model on {device} in {dtype}: free the GPU (other processes?), "

@@ -68,6 +68,37 @@ def tiny_codec_config():
     )
 
 
+def randomize_codebooks(codec) -> None:
+    """Give a freshly initialised Mimi codec random codebook vectors.
+
+    ``transformers`` initialises every codebook to zeros, which makes a random codec's audio the
+    same for every code: the offline model would then play one fixed sound and parity tests would
+    not see the quantizer. Trained codebooks are what the real checkpoint carries instead.
+    """
+    import torch
+
+    for module in codec.modules():
+        if hasattr(module, "embed_sum") and hasattr(module, "cluster_usage"):
+            with torch.no_grad():
+                module.embed_sum.normal_(0.0, 1.0)
+                module.cluster_usage.fill_(1.0)
+            module._embed = None
+
+
+def _quieten(codec, target_rms: float = 0.1) -> None:
+    """Scale the codec's last convolution so random codes decode to noise at ``target_rms``, not clipping."""
+    import torch
+
+    with torch.no_grad():
+        codes = torch.randint(0, codec.config.codebook_size, (1, codec.config.num_quantizers, 25))
+        rms = codec.decode(codes).audio_values.pow(2).mean().sqrt().item()
+        seanet = getattr(codec.decoder, "decoder_seanet", codec.decoder)  # transformers 5 nests it
+        last = seanet.layers[-1].conv
+        last.weight.mul_(target_rms / rms)
+        if last.bias is not None:
+            last.bias.mul_(target_rms / rms)
+
+
 def tiny_config():
     """The tiny CSM config: 32 codebooks of 2051 ids, a 2048-token window, small widths."""
     from transformers import CsmConfig
@@ -154,6 +185,8 @@ def make_tiny_model(directory: str | Path) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
         model = CsmForConditionalGeneration(config).eval()
+        randomize_codebooks(model.codec_model)
+        _quieten(model.codec_model)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         pad_token_id=config.pad_token_id,

@@ -1,0 +1,191 @@
+"""Model loading through the real CLI: every failure exits with an actionable message.
+
+The hub is simulated on a loopback port (``HF_ENDPOINT``) with the hub's own error answers; nothing
+leaves this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from csmserve.engine.loading import load_csm
+from csmserve.errors import LoadOutOfMemory, NotACsmCheckpoint
+from support.fake_hub import fake_hub
+from support.servers import running_server
+
+EXIT_LOAD_FAILED = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict:
+    """The test's environment without hub credentials or offline switches, and an empty HF cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "CSM_"))}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), CSM_AUDIO_DIR=str(tmp_path / "audio"))
+    env.update(extra)
+    return env
+
+
+def serve(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "csmserve", "serve", "--host", "127.0.0.1", "--port", str(free_port()), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def last_error(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines, result.stderr[-2000:]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with fake_hub() as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_gated_model_without_token_says_how_to_get_access(hub, tmp_path):
+    """No token for the gated model: exit 3, name the licence page and HF_TOKEN."""
+    result = serve(["--model", "sesame/csm-1b"], clean_env(tmp_path, HF_ENDPOINT=hub))
+    assert result.returncode == EXIT_LOAD_FAILED
+    message = last_error(result)
+    assert "gated" in message and "no Hugging Face token" in message
+    assert "https://huggingface.co/sesame/csm-1b" in message
+    assert "HF_TOKEN" in message and "settings/tokens" in message
+
+
+def test_gated_model_with_a_token_lacking_access_says_accept_the_licence(hub, tmp_path):
+    """A token without access: exit 3, tell the user to accept the licence."""
+    result = serve(["--model", "org/gated-with-token"], clean_env(tmp_path, HF_ENDPOINT=hub, HF_TOKEN="hf_test"))
+    assert result.returncode == EXIT_LOAD_FAILED
+    message = last_error(result)
+    assert "accept the licence at https://huggingface.co/org/gated-with-token" in message
+
+
+def test_invalid_token_is_reported_as_rejected(hub, tmp_path):
+    """A token the hub rejects (401 invalid credentials): exit 3, say the token is invalid."""
+    result = serve(["--model", "org/bad-token"], clean_env(tmp_path, HF_ENDPOINT=hub, HF_TOKEN="hf_bad"))
+    assert result.returncode == EXIT_LOAD_FAILED
+    message = last_error(result)
+    assert "rejected your token" in message and "HF_TOKEN" in message
+    assert "hf_bad" not in result.stderr
+
+
+def test_unknown_model_id_is_not_found(hub, tmp_path):
+    """A repository that does not exist: exit 3, check the model id."""
+    result = serve(["--model", "org/missing"], clean_env(tmp_path, HF_ENDPOINT=hub, HF_TOKEN="hf_test"))
+    assert result.returncode == EXIT_LOAD_FAILED
+    assert "org/missing was not found" in last_error(result)
+
+
+def test_unreachable_hub_without_cache_says_so(tmp_path):
+    """The hub cannot be reached and nothing is cached: exit 3, explain the options."""
+    env = clean_env(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    result = serve(["--model", "sesame/csm-1b"], env)
+    assert result.returncode == EXIT_LOAD_FAILED
+    message = last_error(result)
+    assert "cannot reach the Hugging Face hub" in message and "not in the local cache" in message
+    assert "--model /path/to/a/local/checkpoint" in message
+
+
+def test_explicit_model_never_falls_back_to_the_offline_model(tmp_path):
+    """--model given and unavailable: the server exits; it never serves the offline model instead."""
+    env = clean_env(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    result = serve(["--model", "sesame/csm-1b"], env)
+    assert result.returncode == EXIT_LOAD_FAILED
+    assert "OFFLINE MODEL" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["missing-dir", "no-config", "other-model", "config-without-weights"])
+def test_local_path_that_is_not_a_csm_checkpoint(tmp_path, kind):
+    """A local directory that is not a CSM checkpoint: exit 3, say what is wrong with it."""
+    path = tmp_path / "ckpt"
+    if kind != "missing-dir":
+        path.mkdir()
+    if kind == "other-model":
+        (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    if kind == "config-without-weights":
+        (path / "config.json").write_text(json.dumps({"model_type": "csm"}))
+    result = serve(["--model", str(path)], clean_env(tmp_path))
+    assert result.returncode == EXIT_LOAD_FAILED
+    message = last_error(result)
+    expected = {
+        "missing-dir": "does not exist",
+        "no-config": "no config.json",
+        "other-model": "model_type='llama', expected 'csm'",
+        "config-without-weights": "no *.safetensors weights",
+    }[kind]
+    assert expected in message
+
+
+def test_transformers_without_csm_says_to_upgrade(tmp_path, tiny_model_dir):
+    """An old transformers (no CsmForConditionalGeneration): exit 3, name the version to install."""
+    fake = tmp_path / "old-transformers" / "transformers"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "4.40.0"\n')
+    env = clean_env(tmp_path, PYTHONPATH=str(fake.parent))
+    result = serve(["--model", str(tiny_model_dir)], env)
+    assert result.returncode == EXIT_LOAD_FAILED
+    message = last_error(result)
+    assert "transformers 4.40.0 has no CSM support" in message
+    assert "transformers>=4.52.1" in message
+
+
+def raise_cuda_oom(*_args, **_kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_at_load_suggests_a_dtype_or_device(tiny_model_dir):
+    """OOM while loading weights becomes LoadOutOfMemory naming --dtype and --device."""
+    with pytest.raises(LoadOutOfMemory) as caught:
+        load_csm(str(tiny_model_dir), "cpu", "float32", from_pretrained=raise_cuda_oom)
+    assert "--dtype bfloat16" in caught.value.message and "--device cpu" in caught.value.message
+
+
+def test_out_of_memory_at_load_shows_on_health(tiny_model_dir, settings_factory):
+    """A server whose model failed to load says "failed" with the reason on /health."""
+    from csmserve.engine.csm import CsmEngine
+
+    settings = settings_factory(model=str(tiny_model_dir), device="cpu", dtype="float32")
+    failures = []
+    with running_server(settings, CsmEngine(settings, from_pretrained=raise_cuda_oom), failures.append) as server:
+        deadline = time.monotonic() + 60
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        response = httpx.get(server.http + "/health")
+    assert response.status_code == 503
+    assert response.json()["status"] == "failed"
+    assert response.json()["error"]["code"] == "out_of_memory"
+
+
+def test_cuda_requested_without_cuda_is_explained(tiny_model_dir):
+    """--device cuda on a machine without CUDA names the fix instead of a torch traceback."""
+    if torch.cuda.is_available():
+        pytest.fail("this test describes a CPU-only machine")
+    with pytest.raises(Exception) as caught:
+        load_csm(str(tiny_model_dir), "cuda", "auto")
+    assert "--device cpu" in str(caught.value)
+
+
+def test_broken_checkpoint_is_not_a_csm_checkpoint(tmp_path, tiny_model_dir):
+    """Corrupt weights are reported as a broken checkpoint, not a crash."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(NotACsmCheckpoint):
+        load_csm(str(broken), "cpu", "float32")

@@ -1,0 +1,127 @@
+"""The frame generator is still the model: greedy codes equal ``model.generate`` token for token."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoProcessor, CsmForConditionalGeneration
+
+from csmserve.engine.frames import FrameGenerator
+
+UNDECODABLE = [2048, 2049, 2050]  # codec codebook size is 2048; 2050 is CSM's codebook padding id
+
+
+def reference_codes(model, inputs, frames: int) -> torch.Tensor:
+    """``model.generate`` greedy on both stages, kept off the ids the codec cannot decode."""
+    out = model.generate(
+        **inputs,
+        max_new_tokens=frames,
+        do_sample=False,
+        depth_decoder_do_sample=False,
+        suppress_tokens=UNDECODABLE,
+        depth_decoder_suppress_tokens=UNDECODABLE,
+    )
+    return out[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = CsmForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return processor, model
+
+
+def test_greedy_codes_equal_generate_for_120_frames(tiny):
+    """Offline checkpoint, float32: 120 frames identical to model.generate(do_sample=False)."""
+    processor, model = tiny
+    inputs = processor("[0]Hello world, this is a parity check.", add_special_tokens=True)
+    reference = reference_codes(copy.deepcopy(model), inputs, 120)
+    generator = FrameGenerator(model)
+    ours = torch.stack(list(generator.frames(generator.embed_text(inputs["input_ids"]), 120, greedy=True)))
+    assert ours.shape == (120, 32)
+    assert torch.equal(ours, reference[:120])
+
+
+def test_greedy_codes_equal_generate_for_another_speaker_and_text(tiny):
+    """Parity does not depend on the prompt."""
+    processor, model = tiny
+    inputs = processor("[3]Short.", add_special_tokens=True)
+    reference = reference_codes(copy.deepcopy(model), inputs, 40)
+    generator = FrameGenerator(model)
+    ours = torch.stack(list(generator.frames(generator.embed_text(inputs["input_ids"]), 40, greedy=True)))
+    assert torch.equal(ours, reference[:40])
+
+
+def test_all_zero_frame_ends_generation(tiny):
+    """A frame whose codebooks 0..30 are the end-of-audio id ends the utterance and is not yielded."""
+    processor, model = tiny
+    silent = copy.deepcopy(model)
+    with torch.no_grad():  # all logits equal: greedy picks id 0 everywhere, the end-of-audio frame
+        silent.lm_head.weight.zero_()
+        silent.depth_decoder.codebooks_head.weight.zero_()
+    generator = FrameGenerator(silent)
+    inputs = processor("[0]Nothing to say.", add_special_tokens=True)
+    assert list(generator.frames(generator.embed_text(inputs["input_ids"]), 50, greedy=True)) == []
+    reference = reference_codes(silent, inputs, 5)
+    assert (reference[0, :-1] == 0).all()  # generate() agrees that the first frame is end-of-audio
+
+
+def test_sampling_never_emits_ids_the_codec_cannot_decode(tiny):
+    """With every id equally likely (2051 per codebook), sampled codes stay below 2048 and decode."""
+    processor, model = tiny
+    flat = copy.deepcopy(model)
+    with torch.no_grad():
+        flat.lm_head.weight.zero_()
+        flat.depth_decoder.codebooks_head.weight.zero_()
+    generator = FrameGenerator(flat)
+    inputs = processor("[0]Uniform.", add_special_tokens=True)
+    codes = torch.stack(
+        list(generator.frames(generator.embed_text(inputs["input_ids"]), 100, seed=3, temperature=1.0, top_k=2051))
+    )
+    assert codes.shape == (100, 32)
+    assert int(codes.max()) < 2048
+    audio = flat.codec_model.decode(codes.T[None]).audio_values
+    assert audio.shape[-1] == 100 * 1920
+
+
+def test_seed_makes_sampling_reproducible(tiny):
+    """Same seed, same codes; another seed, other codes."""
+    processor, model = tiny
+    generator = FrameGenerator(model)
+    embeds = generator.embed_text(processor("[0]Seeded.", add_special_tokens=True)["input_ids"])
+    a = torch.stack(list(generator.frames(embeds, 10, seed=1)))
+    b = torch.stack(list(generator.frames(embeds, 10, seed=1)))
+    c = torch.stack(list(generator.frames(embeds, 10, seed=2)))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_generation_stops_at_the_context_window(tiny):
+    """A request never runs past the model's 2048-position window."""
+    processor, model = tiny
+    generator = FrameGenerator(model)
+    embeds = generator.embed_text(processor("[0]" + "a" * 2030, add_special_tokens=True)["input_ids"])
+    codes = list(generator.frames(embeds, 500, greedy=True))
+    assert embeds.shape[1] + len(codes) <= 2048 + 1
+    assert len(codes) <= 2048 - embeds.shape[1] + 1
+
+
+@pytest.mark.slow
+def test_greedy_codes_equal_generate_for_the_full_size_architecture():
+    """csm-1b's architecture (CsmConfig() defaults, random weights), float32: 8 frames identical."""
+    from transformers import CsmConfig
+
+    from csmserve.engine.tiny import randomize_codebooks
+
+    torch.manual_seed(0)
+    model = CsmForConditionalGeneration(CsmConfig()).eval()
+    randomize_codebooks(model.codec_model)
+    input_ids = torch.tensor([[128000, 58, 15, 60, 9906, 1917, 11, 420, 374, 264, 1296, 13, 128001]])
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    generator = FrameGenerator(model)
+    ours = torch.stack(list(generator.frames(generator.embed_text(input_ids), 8, greedy=True)))
+    reference = reference_codes(model, inputs, 8)
+    assert ours.shape == (8, 32)
+    assert torch.equal(ours, reference[:8])
