@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     # Server
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
 
     # Requests
     max_text_chars: int = Field(1000, ge=1, description="Longest accepted text, in characters.")
