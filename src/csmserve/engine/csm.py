@@ -60,10 +60,13 @@ class CsmEngine:
 
     sample_rate = 24_000
 
-    def __init__(self, settings: Settings, *, from_pretrained=None):
+    def __init__(self, settings: Settings, *, from_pretrained=None, loaded=None):
+        """``loaded``: an already loaded :class:`~csmserve.engine.loading.LoadedModel` to serve
+        (benchmarks build the full-size architecture in memory); otherwise ``start()`` loads."""
         self.settings = settings
         self.info = EngineInfo(name="csm", model=settings.model or DEFAULT_MODEL)
         self._from_pretrained = from_pretrained
+        self._preloaded = loaded
         self._worker = ModelWorker(setup=self._thread_setup)
         self._loaded = None
         self._frames = None
@@ -98,12 +101,13 @@ class CsmEngine:
             raise ModelLoadError(f"model load failed: {type(exc).__name__}: {exc}") from exc
 
     def _load_model(self) -> None:
-        from csmserve.engine.frames import FrameGenerator
         from csmserve.engine.loading import load_csm
-        from csmserve.engine.mimi_stream import StreamingMimiDecoder
-        from csmserve.engine.tiny import is_offline_model
         from csmserve.errors import ModelLoadError
 
+        if self._preloaded is not None:
+            self.info.model = str(self._preloaded.path)
+            self._attach(self._preloaded, time.monotonic())
+            return
         model_ref, implicit = choose_model(self.settings)
         self.info.model = model_ref
         started = time.monotonic()
@@ -119,6 +123,13 @@ class CsmEngine:
             model_ref = str(ensure_offline_model(self.settings.offline_model_dir))
             self.info.model = model_ref
             loaded = load_csm(model_ref, self.settings.device, self.settings.dtype)
+        self._attach(loaded, started)
+
+    def _attach(self, loaded, started: float) -> None:
+        from csmserve.engine.frames import FrameGenerator
+        from csmserve.engine.mimi_stream import StreamingMimiDecoder
+        from csmserve.engine.tiny import is_offline_model
+
         self._loaded = loaded
         self.info.device, self.info.dtype = loaded.device, loaded.dtype
         self.info.offline_model = is_offline_model(loaded.model.config)
@@ -126,7 +137,7 @@ class CsmEngine:
         self._frames = FrameGenerator(loaded.model)
         self._decoder = StreamingMimiDecoder(loaded.model.codec_model)
         self.frame_size = self._decoder.frame_size
-        log.info("model loaded in %.1f s (%s, %s, %s)", time.monotonic() - started, model_ref, loaded.device, loaded.dtype)
+        log.info("model loaded in %.1f s (%s, %s, %s)", time.monotonic() - started, self.info.model, loaded.device, loaded.dtype)
         if self.info.offline_model:
             log.warning(OFFLINE_WARNING)
         if self.settings.warmup:
