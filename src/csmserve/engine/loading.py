@@ -223,7 +223,12 @@ def load_csm(
             f"out of memory while loading the model on {device} in {dtype}: free the GPU (other processes?), "
             "use --dtype bfloat16 or float16 (half the memory of float32), or --device cpu"
         ) from None
-    except (OSError, ValueError, KeyError) as exc:
-        raise NotACsmCheckpoint(f"{path}: the weights cannot be loaded as CSM: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors, torch and transformers each raise their own
+        if "out of memory" in str(exc).lower():
+            raise LoadOutOfMemory(
+                f"out of memory while loading the model on {device} in {dtype}: {exc}; "
+                "use --dtype bfloat16 or float16, or --device cpu"
+            ) from None
+        raise NotACsmCheckpoint(f"{path}: the weights cannot be loaded as CSM: {type(exc).__name__}: {exc}") from None
     loaded.eval()
     return LoadedModel(model=loaded, processor=processor, path=path, device=device, dtype=dtype)

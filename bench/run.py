@@ -1,0 +1,256 @@
+"""`make bench`: the frame loop, the streaming codec and time to first audio, ours vs the reference.
+
+Runs the full-size csm-1b architecture (``CsmConfig()`` defaults) with random weights: the same compute
+as the real model. Every figure compares two things measured in the same run, on the same machine,
+one after the other; the ratio is the figure (absolute times drift on a shared machine).
+
+    python bench/run.py                      # print the tables
+    python bench/run.py --write docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from csmserve.engine.frames import FrameGenerator  # noqa: E402
+from csmserve.engine.mimi_stream import StreamingMimiDecoder  # noqa: E402
+
+UNDECODABLE = [2048, 2049, 2050]
+PROMPT = torch.tensor([[128000, 58, 15, 60, 9906, 1917, 11, 420, 374, 264, 1296, 315, 279, 17265, 3622, 13, 128001]])
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
+
+
+def full_size_model(device: str):
+    from transformers import CsmConfig, CsmForConditionalGeneration
+
+    from csmserve.engine.tiny import randomize_codebooks
+
+    torch.manual_seed(0)
+    model = CsmForConditionalGeneration(CsmConfig()).eval()
+    randomize_codebooks(model.codec_model)
+    return model.to(device)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_generate(model, frames: int, device: str) -> float:
+    ids = PROMPT.to(device)
+    sync(device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=frames, do_sample=False,
+            depth_decoder_do_sample=False, suppress_tokens=UNDECODABLE, depth_decoder_suppress_tokens=UNDECODABLE,
+        )
+    sync(device)
+    assert out.shape[1] == frames, "the random model ended early; use more frames"
+    return (time.perf_counter() - started) / frames
+
+
+def time_ours(generator: FrameGenerator, frames: int, device: str, greedy: bool) -> float:
+    embeds = generator.embed_text(PROMPT)
+    sync(device)
+    started = time.perf_counter()
+    count = sum(1 for _ in generator.frames(embeds, frames, greedy=greedy, seed=0))
+    sync(device)
+    assert count == frames
+    return (time.perf_counter() - started) / frames
+
+
+def frame_loop(model, dtype: str, frames: int, device: str, repeats: int) -> dict:
+    generator = FrameGenerator(model)
+    time_generate(model, 2, device)
+    time_ours(generator, 2, device, True)
+    ref, ours, sampled = [], [], []
+    for _ in range(repeats):  # interleaved, so drift hits both alike
+        ref.append(time_generate(model, frames, device))
+        ours.append(time_ours(generator, frames, device, True))
+        sampled.append(time_ours(generator, frames, device, False))
+    r, o, s = (1000 * statistics.median(x) for x in (ref, ours, sampled))
+    return {"dtype": dtype, "generate_ms": r, "ours_ms": o, "ours_sampled_ms": s, "speedup": r / o}
+
+
+def mimi_decode(model, frames: int, device: str) -> dict:
+    decoder = StreamingMimiDecoder(model.codec_model)
+    codes = torch.randint(0, 2048, (32, frames), device=device)
+    decoder.decode(codes[:, :2])
+    decoder.reset()
+    per_frame = []
+    for i in range(frames):
+        sync(device)
+        started = time.perf_counter()
+        decoder.decode(codes[:, i : i + 1])
+        sync(device)
+        per_frame.append(time.perf_counter() - started)
+    sync(device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        model.codec_model.decode(codes[None])
+    sync(device)
+    whole = (time.perf_counter() - started) / frames
+    return {"stream_ms": 1000 * statistics.median(per_frame), "p90_ms": 1000 * sorted(per_frame)[int(0.9 * frames)],
+            "one_shot_ms": 1000 * whole}
+
+
+# -- time to first audio over a real WebSocket ---------------------------------------------------------
+def serve(engine, settings):
+    import uvicorn
+
+    from csmserve.server.app import create_app
+
+    app = create_app(settings, engine)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws_per_message_deflate=False))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    return server, thread, server.servers[0].sockets[0].getsockname()[1]
+
+
+async def first_audio(port: int, frames: int) -> tuple[float, float]:
+    from csmserve.client import CsmClient
+
+    async with CsmClient(f"ws://127.0.0.1:{port}/ws/generate") as client:
+        result = await client.synthesize("Hello world, this is a test of the streaming server.",
+                                         max_audio_ms=80 * frames, seed=0, chunk_ms=80)
+    assert len(result.pcm) == 2 * 1920 * frames, "fixed frame count not reached"
+    return result.ttfa_s, result.done["elapsed_ms"] / 1000
+
+
+def ttfa(model, dtype: str, device: str, utterances: dict[str, int], repeats: int, tiny_dir: Path) -> list[dict]:
+    from baseline import GenerateThenChunkEngine
+    from transformers import AutoProcessor
+
+    from csmserve.config import Settings
+    from csmserve.engine.csm import CsmEngine
+    from csmserve.engine.loading import LoadedModel
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)  # byte-level ids are valid for the full-size vocab
+    loaded = LoadedModel(model=model, processor=processor, path=Path("csm-1b-architecture-random"), device=device, dtype=dtype)
+    settings = Settings(host="127.0.0.1", port=0, audio_dir=tiny_dir / "audio", max_audio_ms=90_000)
+    rows = []
+    for name, engine_cls in (("ours (streaming)", CsmEngine), ("generate then chunk", GenerateThenChunkEngine)):
+        engine = engine_cls(settings, loaded=loaded)
+        server, thread, port = serve(engine, settings)
+        while not engine.info.ready:
+            time.sleep(0.1)
+        for label, frames in utterances.items():
+            runs = [asyncio.run(first_audio(port, frames)) for _ in range(repeats)]
+            rows.append({"engine": name, "utterance": label, "frames": frames,
+                         "ttfa_ms": 1000 * statistics.median(r[0] for r in runs),
+                         "total_ms": 1000 * statistics.median(r[1] for r in runs)})
+        server.should_exit = True
+        thread.join(30)
+    return rows
+
+
+def render(sections: list[str]) -> str:
+    return "\n\n".join(sections) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--frames", type=int, default=12, help="frames per frame-loop measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ttfa-dtype", default="bfloat16")
+    parser.add_argument("--skip-ttfa", action="store_true")
+    parser.add_argument("--write", type=Path, help="replace this machine kind's section of a markdown file")
+    args = parser.parse_args()
+
+    import tempfile
+
+    from csmserve.engine.tiny import make_tiny_model
+
+    device = args.device
+    started = time.monotonic()
+    print(f"machine: {machine()}", flush=True)
+    model = full_size_model(device)
+    print(f"built the full-size architecture in {time.monotonic() - started:.0f} s", flush=True)
+    loop_rows, mimi_rows, ttfa_rows = [], [], []
+    # float32 first, then convert in place: one copy of the weights in memory at a time.
+    for dtype in sorted(args.dtypes.split(","), key=lambda d: d != "float32"):
+        model.to(getattr(torch, dtype))
+        gc.collect()
+        row = frame_loop(model, dtype, args.frames, device, args.repeats)
+        loop_rows.append(row)
+        print(f"frame loop {dtype}: generate {row['generate_ms']:.0f} ms/frame, ours {row['ours_ms']:.0f} "
+              f"(sampled {row['ours_sampled_ms']:.0f}), {row['speedup']:.2f}x", flush=True)
+        mimi = mimi_decode(model, 50, device)
+        mimi_rows.append({"dtype": dtype, **mimi})
+        print(f"mimi {dtype}: {mimi['stream_ms']:.1f} ms/frame streaming (p90 {mimi['p90_ms']:.1f}), "
+              f"one-shot {mimi['one_shot_ms']:.1f} ms/frame", flush=True)
+        if not args.skip_ttfa and dtype == args.ttfa_dtype:
+            with tempfile.TemporaryDirectory() as tmp:
+                rows = ttfa(model, dtype, device, {"2 s": 25, "8 s": 100}, 2, make_tiny_model(Path(tmp) / "tiny"))
+            ttfa_rows.extend({"dtype": dtype, **r} for r in rows)
+            for r in rows:
+                print(f"ttfa {dtype} {r['engine']} {r['utterance']}: {r['ttfa_ms']:.0f} ms (total {r['total_ms']:.0f} ms)",
+                      flush=True)
+
+    kind = "gpu" if device == "cuda" else "cpu"
+    lines = [f"<!-- bench:{kind}:start -->", f"### {kind.upper()}: {machine()}", "",
+             f"Full-size csm-1b architecture, random weights, batch 1, greedy unless noted; median of {args.repeats}.", "",
+             "| dtype | `model.generate` ms/frame | ours ms/frame (greedy) | ours ms/frame (sampled) | speed-up |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['generate_ms']:.0f} | {r['ours_ms']:.0f} | {r['ours_sampled_ms']:.0f} | {r['speedup']:.2f}x |"
+              for r in loop_rows]
+    lines += ["", "Streaming Mimi decode (full-size codec, one frame per call, 50 frames):", "",
+              "| dtype | streaming ms/frame (median) | p90 | one-shot decode ms/frame |", "|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['stream_ms']:.1f} | {r['p90_ms']:.1f} | {r['one_shot_ms']:.1f} |" for r in mimi_rows]
+    if ttfa_rows:
+        lines += ["", f"Time to first audio over a real WebSocket (`chunk_ms` 80, {args.ttfa_dtype}, median of 2):", "",
+                  "| engine | utterance | frames | time to first audio ms | whole request ms |", "|---|---|---|---|---|"]
+        lines += [f"| {r['engine']} | {r['utterance']} | {r['frames']} | {r['ttfa_ms']:.0f} | {r['total_ms']:.0f} |"
+                  for r in ttfa_rows]
+        ours = {r["utterance"]: r["ttfa_ms"] for r in ttfa_rows if r["engine"].startswith("ours")}
+        if "2 s" in ours and "8 s" in ours:
+            lines += ["", f"Ours: 8 s utterance / 2 s utterance time to first audio = {ours['8 s'] / ours['2 s']:.2f}."]
+    lines.append(f"<!-- bench:{kind}:end -->")
+    block = "\n".join(lines)
+    print("\n" + block)
+    if args.write:
+        text = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
+        start, end = f"<!-- bench:{kind}:start -->", f"<!-- bench:{kind}:end -->"
+        if start in text and end in text:
+            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+        args.write.write_text(text)
+        print(f"wrote {args.write}")
+
+
+if __name__ == "__main__":
+    main()
