@@ -16,29 +16,27 @@ def float_to_pcm16(audio: np.ndarray) -> np.ndarray:
     return np.clip(np.round(samples * 32767.0), -32768, 32767).astype("<i2")
 
 
-def samples_for_ms(ms: int, sample_rate: int) -> int:
-    return sample_rate * ms // 1000
-
-
 class Chunker:
-    """Accumulates int16 samples and releases byte chunks of exactly ``chunk_samples``.
+    """Accumulates encoded audio bytes and releases chunks of exactly ``chunk_bytes``.
 
-    The first chunk may be shorter (``first_chunk_samples``) for the lowest latency. Whatever is
-    left at the end comes out of :meth:`flush` as one shorter chunk. Nothing is dropped or reordered.
+    The first chunk may be shorter (``first_chunk_bytes``) for the lowest latency. Whatever is left
+    at the end comes out of :meth:`flush` as one shorter chunk. Nothing is dropped or reordered.
     """
 
-    def __init__(self, chunk_samples: int, first_chunk_samples: int | None = None):
-        self.chunk_samples = chunk_samples
-        self._next = first_chunk_samples or chunk_samples
+    def __init__(self, chunk_bytes: int, first_chunk_bytes: int | None = None):
+        self.chunk_bytes = chunk_bytes
+        self._next = first_chunk_bytes or chunk_bytes
         self._pending = bytearray()
 
-    def push(self, pcm: np.ndarray) -> Iterator[bytes]:
-        self._pending += pcm.astype("<i2", copy=False).tobytes()
-        while len(self._pending) >= 2 * self._next:
-            size = 2 * self._next
+    def push(self, data: bytes | np.ndarray) -> Iterator[bytes]:
+        if isinstance(data, np.ndarray):
+            data = data.astype("<i2", copy=False).tobytes()
+        self._pending += data
+        while len(self._pending) >= self._next:
+            size = self._next
             chunk = bytes(self._pending[:size])
             del self._pending[:size]
-            self._next = self.chunk_samples
+            self._next = self.chunk_bytes
             yield chunk
 
     def flush(self) -> bytes:

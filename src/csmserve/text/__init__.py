@@ -1,0 +1,1 @@
+"""Text on its way in: sentence splitting for streamed LLM text, and packing into model-sized pieces."""
