@@ -36,6 +36,7 @@ def settings_factory(tmp_path):
 
     def make(**overrides):
         overrides.setdefault("audio_dir", tmp_path / "audio")
+        overrides.setdefault("voices_dir", tmp_path / "voices")
         overrides.setdefault("port", 0)
         overrides.setdefault("host", "127.0.0.1")
         return Settings(**overrides)
@@ -65,6 +66,7 @@ def csm_server(tiny_model_dir, tmp_path_factory):
         host="127.0.0.1",
         port=0,
         audio_dir=tmp_path_factory.mktemp("audio"),
+        voices_dir=tmp_path_factory.mktemp("voices"),
         max_audio_ms=4000,
         torch_threads=1,
     )

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
 
     # Requests
-    max_text_chars: int = Field(1000, ge=1, description="Longest accepted text, in characters.")
+    max_text_chars: int = Field(4096, ge=1, description="Longest accepted text, in characters (OpenAI's limit).")
     min_speaker_id: int = Field(0, description="Lowest accepted speaker_id.")
     max_speaker_id: int = Field(9, description="Highest accepted speaker_id.")
     default_chunk_ms: int = Field(200, ge=20, le=1000, description="Audio chunk length when a request names none.")
@@ -58,10 +58,18 @@ class Settings(BaseSettings):
         120, ge=10, description="Default audio budget per text character (generous: speech is ~70 ms/char)."
     )
     min_audio_ms: int = Field(4_000, ge=80, description="Default audio budget floor for very short texts.")
+    max_chars_per_generation: int = Field(
+        300, ge=20, description="Long text is generated in sentence groups of at most this many characters."
+    )
     max_pending_per_connection: int = Field(
         8, ge=1, description="Requests queued on one WebSocket before new ones are refused."
     )
     max_message_bytes: int = Field(65_536, ge=1024, description="Largest accepted WebSocket message.")
+
+    # Voices
+    voices_dir: Path = Field(Path("var/voices"), description="Where registered voices are kept (survive restarts).")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest accepted voice upload.")
+    max_voice_seconds: float = Field(30.0, gt=0, description="Longest accepted reference clip for a voice.")
 
     # REST audio store
     audio_dir: Path = Field(Path("var/audio"), description="Where /generate keeps WAV files for download.")

@@ -1,6 +1,8 @@
-"""From a validated request to PCM chunks: engine audio -> int16 -> exact-size chunks, with stats.
+"""From a validated request to what the client receives, with stats.
 
-Shared by the WebSocket and REST adapters, so both produce the same bytes for the same request.
+Engine audio (float32, 24 kHz) -> the request's encoding (PCM at a rate, µ-law, A-law; stateful, so
+chunk boundaries are seamless) -> exact-size binary chunks, or telephony media messages. Shared by
+the WebSocket and REST adapters, so both produce the same bytes for the same request.
 """
 
 from __future__ import annotations
@@ -9,25 +11,54 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from csmserve.audio.pcm import Chunker, float_to_pcm16, samples_for_ms
+import numpy as np
+
+from csmserve.audio.formats import make_encoder
+from csmserve.audio.pcm import Chunker
+from csmserve.audio.telephony import TelnyxFramer, TwilioFramer
 from csmserve.config import Settings
-from csmserve.engine import Engine, SynthesisRequest
+from csmserve.engine import ContextTurn, Engine, SynthesisRequest
+from csmserve.errors import InvalidRequest
 from csmserve.protocol import GenerateRequest
 
+#: What goes out: bytes are binary frames, str are JSON text frames (telephony media messages).
+Outgoing = bytes | str
 
-def synthesis_request(request: GenerateRequest, settings: Settings) -> SynthesisRequest:
-    """The engine's view of a client request, with the audio budget derived from the text."""
+
+def synthesis_request(request: GenerateRequest, settings: Settings, voices=None, continuation=None) -> SynthesisRequest:
+    """The engine's view of a client request: audio budget derived from the text, voice and
+    context resolved. Raises :class:`InvalidRequest` for an unknown voice."""
     budget = settings.audio_budget_ms(request.text)
     if request.max_audio_ms is not None:
         budget = min(request.max_audio_ms, settings.max_audio_ms)
+    voice_turns: tuple[ContextTurn, ...] = ()
+    speaker_id = request.speaker_id
+    if request.voice is not None:
+        voice = voices.get(request.voice) if voices is not None else None
+        if voice is None:
+            raise InvalidRequest(f"unknown voice {request.voice!r}; list voices with GET /v1/voices")
+        voice_turns = (ContextTurn(voice.speaker_id, voice.transcript, codes=voices.codes(voice.id)),)
+        if "speaker_id" not in request.model_fields_set:
+            speaker_id = voice.speaker_id
+    context = tuple(
+        ContextTurn(
+            turn.speaker_id,
+            turn.text,
+            audio=None if turn.audio is None else np.frombuffer(turn.audio, dtype="<i2").astype(np.float32) / 32768.0,
+        )
+        for turn in request.context
+    )
     return SynthesisRequest(
         text=request.text,
-        speaker_id=request.speaker_id,
+        speaker_id=speaker_id,
         max_audio_ms=budget,
         temperature=request.temperature,
         top_k=request.top_k,
         seed=request.seed,
         request_id=request.request_id,
+        voice=voice_turns,
+        context=context,
+        continuation=continuation,
     )
 
 
@@ -38,7 +69,7 @@ class StreamStats:
     sample_rate: int
     started: float = field(default_factory=time.monotonic)
     first_audio: float | None = None
-    samples: int = 0
+    samples: int = 0  # at the engine's rate
     chunks: int = 0
 
     def as_event_fields(self) -> dict:
@@ -48,7 +79,6 @@ class StreamStats:
             "audio_ms": round(1000 * audio_s, 1),
             "samples": self.samples,
             "chunks": self.chunks,
-            "sample_rate": self.sample_rate,
             "elapsed_ms": round(1000 * elapsed, 1),
         }
         if self.first_audio is not None:
@@ -58,34 +88,72 @@ class StreamStats:
         return fields
 
 
-async def pcm_chunks(
-    engine: Engine,
-    request: SynthesisRequest,
-    chunk_ms: int,
-    first_chunk_ms: int | None,
-    stats: StreamStats,
-) -> AsyncIterator[bytes]:
-    """Yield mono s16le chunks of ``chunk_ms`` (the first of ``first_chunk_ms``, the last shorter).
+class AudioOutput:
+    """Turns engine audio into the outgoing frames of one request (or one streamed-text stream).
 
-    Safe to cancel: cancelling the consumer cancels the engine's generation between two frames.
+    Binary chunks hold exactly ``chunk_ms`` of the encoded audio (the first ``first_chunk_ms``, the
+    last what is left); with ``framing`` the output is the provider's JSON media messages of whole
+    20 ms frames, then a mark. Not thread-safe; one per stream.
     """
-    rate = engine.sample_rate
-    chunker = Chunker(samples_for_ms(chunk_ms, rate), samples_for_ms(first_chunk_ms, rate) if first_chunk_ms else None)
+
+    def __init__(self, request: GenerateRequest, source_rate: int, stats: StreamStats):
+        self.request = request
+        self.stats = stats
+        self.source_rate = source_rate
+        self.encoder = make_encoder(request.format, request.sample_rate)
+        self.sample_rate = request.sample_rate
+        width = 2 if request.format == "pcm_s16le" else 1
+        self.framer = None
+        self.chunker = None
+        if request.framing == "twilio":
+            self.framer = TwilioFramer(request.stream_sid)
+        elif request.framing == "telnyx":
+            self.framer = TelnyxFramer()
+        else:
+            size = width * request.sample_rate * request.chunk_ms // 1000
+            first = width * request.sample_rate * request.first_chunk_ms // 1000 if request.first_chunk_ms else None
+            # Keep whole samples in every chunk.
+            self.chunker = Chunker(size - size % width, first - first % width if first else None)
+
+    def feed(self, audio: np.ndarray) -> list[Outgoing]:
+        self.stats.samples += len(audio)
+        return self._count(self._frame(self.encoder.encode(audio)))
+
+    def finish(self) -> list[Outgoing]:
+        out = self._frame(self.encoder.flush())
+        if self.framer is not None:
+            out += self.framer.end(self.request.request_id or "csmserve-end")
+        else:
+            tail = self.chunker.flush()
+            if tail:
+                out.append(tail)
+        return self._count(out)
+
+    def _frame(self, data: bytes) -> list[Outgoing]:
+        if not data:
+            return []
+        if self.framer is not None:
+            return list(self.framer.media(data))
+        return list(self.chunker.push(data))
+
+    def _count(self, items: list[Outgoing]) -> list[Outgoing]:
+        if items and self.stats.first_audio is None:
+            self.stats.first_audio = time.monotonic()
+        self.stats.chunks += sum(1 for i in items if isinstance(i, bytes) or '"media"' in i)
+        return items
+
+
+async def stream_audio(engine: Engine, request: SynthesisRequest, output: AudioOutput, *, finish: bool = True) -> AsyncIterator[Outgoing]:
+    """Outgoing frames for ``request`` as the engine produces audio; ``finish`` flushes the output
+    at the end (a streamed-text sentence leaves it open for the next). Safe to cancel: cancelling
+    the consumer cancels the engine's generation between two frames."""
     stream = engine.synthesize(request)
     try:
         async for audio in stream:
-            for chunk in chunker.push(float_to_pcm16(audio)):
-                yield _count(chunk, stats)
-        tail = chunker.flush()
-        if tail:
-            yield _count(tail, stats)
+            for item in output.feed(audio):
+                yield item
+        if finish:
+            for item in output.finish():
+                yield item
     finally:
         await stream.aclose()
-
-
-def _count(chunk: bytes, stats: StreamStats) -> bytes:
-    if stats.first_audio is None:
-        stats.first_audio = time.monotonic()
-    stats.samples += len(chunk) // 2
-    stats.chunks += 1
-    return chunk

@@ -3,13 +3,17 @@
 Client -> server (text frames, JSON):
 
 * ``{"text": "Hello", "speaker_id": 0}``: a generation request (``"type": "generate"`` is implied),
-  with optional ``chunk_ms``, ``first_chunk_ms``, ``max_audio_ms``, ``temperature``, ``top_k``,
-  ``seed`` and ``request_id``.
-* ``{"type": "cancel", "request_id": "..."}``: stop a request (the current one when no id is given).
+  with optional fields (see :class:`GenerateRequest`): chunking, length, sampling, ``request_id``,
+  output ``format``/``sample_rate``, telephony ``framing``, a stored ``voice`` and ``context`` turns.
+* ``{"type": "text", "context_id": "c1", "text": "Sure, let me"}`` ... ``{"type": "flush", ...}`` /
+  ``{"type": "end", "context_id": "c1"}``: text streamed in from an LLM; speech starts at the first
+  sentence boundary (or flush) and continues as one audio stream until ``end``.
+* ``{"type": "cancel", "request_id": "..."}`` (or ``"context_id"``, or neither: the current one).
 
-Server -> client: binary frames of mono 16-bit little-endian PCM, then one text frame
-``{"done": true, ...}``. A request that fails ends with ``{"done": true, "error": {...}}``, which
-seed-style clients (that only look for ``done``) also recognise as the end of the request.
+Server -> client: binary frames of audio (mono 16-bit little-endian PCM by default), then one text
+frame ``{"done": true, ...}``. A request that fails ends with ``{"done": true, "error": {...}}``, which
+seed-style clients (that only look for ``done``) also recognise as the end of the request. With
+``framing`` set, audio goes out as the telephony provider's JSON media messages instead.
 
 Nothing here raises anything but :class:`~csmserve.errors.InvalidRequest`: a bad message becomes
 an error event and the connection stays usable. Never imports torch.
@@ -17,18 +21,23 @@ an error event and the connection stays usable. Never imports torch.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from csmserve.errors import InvalidRequest
 
-REQUEST_FIELDS = (
-    "type",
-    "text",
+PCM_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+FORMATS = ("pcm_s16le", "mulaw", "alaw")
+FRAMINGS = ("twilio", "telnyx")
+MAX_CONTEXT_TURNS = 32
+
+OPTION_FIELDS = (
     "speaker_id",
     "chunk_ms",
     "first_chunk_ms",
@@ -37,18 +46,36 @@ REQUEST_FIELDS = (
     "top_k",
     "seed",
     "request_id",
+    "format",
+    "sample_rate",
+    "framing",
+    "stream_sid",
+    "voice",
+    "context",
 )
+KNOWN_FIELDS = {"type", "text", "context_id", "token", *OPTION_FIELDS}
 
 
 @dataclass(frozen=True)
 class Limits:
     """Server-side bounds that validation needs (from :class:`~csmserve.config.Settings`)."""
 
-    max_text_chars: int = 1000
+    max_text_chars: int = 4096
     min_speaker_id: int = 0
     max_speaker_id: int = 9
     max_audio_ms: int = 90_000
     default_chunk_ms: int = 200
+    max_context_audio_s: float = 60.0
+
+
+class Turn(BaseModel):
+    """A context turn: an earlier utterance, with its audio as base64 mono s16le at 24 kHz (optional)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    speaker_id: int
+    text: str
+    audio: bytes | None = None  # raw s16le bytes, already base64-decoded
 
 
 class GenerateRequest(BaseModel):
@@ -66,8 +93,32 @@ class GenerateRequest(BaseModel):
     top_k: int | None = None
     seed: int | None = None
     request_id: str | None = None
+    format: Literal["pcm_s16le", "mulaw", "alaw"] = "pcm_s16le"
+    sample_rate: int = 24_000
+    framing: Literal["twilio", "telnyx"] | None = None
+    stream_sid: str | None = None
+    voice: str | None = None
+    context: tuple[Turn, ...] = ()
     #: Unknown fields the client sent; they are ignored and reported back in ``done``.
     ignored_fields: tuple[str, ...] = Field(default=())
+
+
+class TextMessage(BaseModel):
+    """A fragment of streamed text for ``context_id``; the first one's options apply to the stream."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: Literal["text"] = "text"
+    context_id: str
+    text: str
+    options: GenerateRequest
+
+
+class FlushMessage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    type: Literal["flush", "end"] = "flush"
+    context_id: str
 
 
 class CancelMessage(BaseModel):
@@ -75,9 +126,10 @@ class CancelMessage(BaseModel):
 
     type: Literal["cancel"] = "cancel"
     request_id: str | None = None
+    context_id: str | None = None
 
 
-ClientMessage = GenerateRequest | CancelMessage
+ClientMessage = GenerateRequest | TextMessage | FlushMessage | CancelMessage
 
 
 def _is_int(value: Any) -> bool:
@@ -93,37 +145,86 @@ def _int_field(data: dict, name: str, lo: int, hi: int, unit: str = "") -> int |
     return value
 
 
+def _id_field(data: dict, name: str) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if _is_int(value):
+        value = str(value)
+    if not isinstance(value, str) or not 0 < len(value) <= 128:
+        raise InvalidRequest(f"{name} must be a string of 1 to 128 characters")
+    return value
+
+
 def parse_json_object(raw: str | bytes | None) -> dict:
     """Decode one text frame into a JSON object, or raise :class:`InvalidRequest`."""
     if raw is None or isinstance(raw, (bytes, bytearray)):
-        raise InvalidRequest("expected a JSON text frame such as {\"text\": \"Hello\", \"speaker_id\": 0}, got binary data")
+        raise InvalidRequest(
+            'expected a JSON text frame such as {"text": "Hello", "speaker_id": 0}, got binary data'
+        )
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"message is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise InvalidRequest("message must be a JSON object such as {\"text\": \"Hello\", \"speaker_id\": 0}")
+        raise InvalidRequest('message must be a JSON object such as {"text": "Hello", "speaker_id": 0}')
     return data
 
 
-def parse_generate(data: dict, limits: Limits) -> GenerateRequest:
-    """Validate a generation request with messages a client developer can act on."""
-    text = data.get("text")
+def _text(data: dict, limits: Limits, *, allow_empty: bool = False) -> str:
     if "text" not in data:
         raise InvalidRequest("text is required")
+    text = data["text"]
     if not isinstance(text, str):
         raise InvalidRequest("text must be a string")
-    if not text.strip():
+    if not allow_empty and not text.strip():
         raise InvalidRequest("text must not be empty")
     if len(text) > limits.max_text_chars:
-        raise InvalidRequest(
-            f"text is {len(text)} characters; the limit is {limits.max_text_chars}"
-        )
-    speaker_id = data.get("speaker_id", 0)
-    if not _is_int(speaker_id) or not limits.min_speaker_id <= speaker_id <= limits.max_speaker_id:
-        raise InvalidRequest(
-            f"speaker_id must be an integer from {limits.min_speaker_id} to {limits.max_speaker_id}"
-        )
+        raise InvalidRequest(f"text is {len(text)} characters; the limit is {limits.max_text_chars}")
+    return text
+
+
+def _speaker(value: Any, limits: Limits, name: str = "speaker_id") -> int:
+    if not _is_int(value) or not limits.min_speaker_id <= value <= limits.max_speaker_id:
+        raise InvalidRequest(f"{name} must be an integer from {limits.min_speaker_id} to {limits.max_speaker_id}")
+    return value
+
+
+def _context(value: Any, limits: Limits) -> tuple[Turn, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_CONTEXT_TURNS:
+        raise InvalidRequest(f"context must be a list of at most {MAX_CONTEXT_TURNS} turns")
+    turns = []
+    budget = int(limits.max_context_audio_s * 24_000 * 2)
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"context[{i}] must be an object with speaker_id, text and optional audio")
+        speaker = _speaker(item.get("speaker_id"), limits, f"context[{i}].speaker_id")
+        text = item.get("text")
+        if not isinstance(text, str) or not text.strip() or len(text) > limits.max_text_chars:
+            raise InvalidRequest(f"context[{i}].text must be a non-empty string of at most {limits.max_text_chars} characters")
+        audio = item.get("audio")
+        raw = None
+        if audio is not None:
+            if not isinstance(audio, str):
+                raise InvalidRequest(f"context[{i}].audio must be base64 of mono 16-bit PCM at 24 kHz")
+            try:
+                raw = base64.b64decode(audio, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidRequest(f"context[{i}].audio is not valid base64") from None
+            if len(raw) % 2:
+                raise InvalidRequest(f"context[{i}].audio must hold whole 16-bit samples")
+            budget -= len(raw)
+            if budget < 0:
+                raise InvalidRequest(f"context audio is limited to {limits.max_context_audio_s:.0f} s in total")
+        turns.append(Turn(speaker_id=speaker, text=text, audio=raw))
+    return tuple(turns)
+
+
+def parse_options(data: dict, limits: Limits, text: str) -> GenerateRequest:
+    """Validate every generation option with messages a client developer can act on."""
+    speaker_id = _speaker(data.get("speaker_id", 0), limits)
     chunk_ms = _int_field(data, "chunk_ms", 20, 1000, " (milliseconds)")
     first_chunk_ms = _int_field(data, "first_chunk_ms", 20, 1000, " (milliseconds)")
     max_audio_ms = _int_field(data, "max_audio_ms", 80, limits.max_audio_ms, " (milliseconds)")
@@ -139,28 +240,49 @@ def parse_generate(data: dict, limits: Limits) -> GenerateRequest:
         ):
             raise InvalidRequest("temperature must be a number greater than 0 and at most 5")
         temperature = float(temperature)
-    request_id = data.get("request_id")
-    if request_id is not None:
-        if _is_int(request_id):
-            request_id = str(request_id)
-        if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
-            raise InvalidRequest("request_id must be a string of 1 to 128 characters")
-    ignored = tuple(sorted(k for k in data if k not in REQUEST_FIELDS and k != "token"))
-    try:
-        return GenerateRequest(
-            text=text,
-            speaker_id=speaker_id,
-            chunk_ms=chunk_ms if chunk_ms is not None else limits.default_chunk_ms,
-            first_chunk_ms=first_chunk_ms,
-            max_audio_ms=max_audio_ms,
-            temperature=temperature,
-            top_k=top_k,
-            seed=seed,
-            request_id=request_id,
-            ignored_fields=ignored,
-        )
-    except ValidationError as exc:  # pragma: no cover - the checks above are stricter
-        raise InvalidRequest(str(exc)) from None
+    framing = data.get("framing")
+    if framing is not None and framing not in FRAMINGS:
+        raise InvalidRequest(f"framing must be one of {', '.join(FRAMINGS)}")
+    fmt = data.get("format", "mulaw" if framing else "pcm_s16le")
+    if fmt not in FORMATS:
+        raise InvalidRequest(f"format must be one of {', '.join(FORMATS)}")
+    rate = data.get("sample_rate", 24_000 if fmt == "pcm_s16le" else 8000)
+    if not _is_int(rate) or rate not in PCM_RATES:
+        raise InvalidRequest(f"sample_rate must be one of {', '.join(map(str, PCM_RATES))}")
+    if fmt in ("mulaw", "alaw") and rate != 8000:
+        raise InvalidRequest(f"{fmt} is only available at 8000 Hz")
+    stream_sid = _id_field(data, "stream_sid")
+    if framing is not None and (fmt, rate) != ("mulaw", 8000):
+        raise InvalidRequest(f"{framing} framing carries mulaw at 8000 Hz; drop format/sample_rate or set them so")
+    if framing == "twilio" and stream_sid is None:
+        raise InvalidRequest("twilio framing needs stream_sid (the streamSid of the call's media stream)")
+    voice = _id_field(data, "voice")
+    ignored = tuple(sorted(k for k in data if k not in KNOWN_FIELDS))
+    # speaker_id only when the client sent it: a named voice otherwise brings its own.
+    explicit = {"speaker_id": speaker_id} if "speaker_id" in data else {}
+    return GenerateRequest(
+        text=text,
+        **explicit,
+        chunk_ms=chunk_ms if chunk_ms is not None else limits.default_chunk_ms,
+        first_chunk_ms=first_chunk_ms,
+        max_audio_ms=max_audio_ms,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+        request_id=_id_field(data, "request_id"),
+        format=fmt,
+        sample_rate=rate,
+        framing=framing,
+        stream_sid=stream_sid,
+        voice=voice,
+        context=_context(data.get("context"), limits),
+        ignored_fields=ignored,
+    )
+
+
+def parse_generate(data: dict, limits: Limits) -> GenerateRequest:
+    """A complete generation request (``text`` required)."""
+    return parse_options(data, limits, _text(data, limits))
 
 
 def parse_client_message(raw: str | bytes | None, limits: Limits) -> ClientMessage:
@@ -169,14 +291,15 @@ def parse_client_message(raw: str | bytes | None, limits: Limits) -> ClientMessa
     kind = data.get("type", "generate")
     if kind == "generate":
         return parse_generate(data, limits)
+    if kind == "text":
+        context_id = _id_field(data, "context_id") or "default"
+        text = _text(data, limits, allow_empty=True)
+        return TextMessage(context_id=context_id, text=text, options=parse_options(data, limits, ""))
+    if kind in ("flush", "end"):
+        return FlushMessage(type=kind, context_id=_id_field(data, "context_id") or "default")
     if kind == "cancel":
-        request_id = data.get("request_id")
-        if _is_int(request_id):
-            request_id = str(request_id)
-        if request_id is not None and not isinstance(request_id, str):
-            raise InvalidRequest("request_id must be a string")
-        return CancelMessage(request_id=request_id)
-    raise InvalidRequest(f"unknown message type {kind!r}; expected 'generate' or 'cancel'")
+        return CancelMessage(request_id=_id_field(data, "request_id"), context_id=_id_field(data, "context_id"))
+    raise InvalidRequest(f"unknown message type {kind!r}; expected generate, text, flush, end or cancel")
 
 
 def request_id_of(raw: str | bytes | None) -> str | None:

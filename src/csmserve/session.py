@@ -2,34 +2,63 @@
 
 A connection carries requests one after another, in order. While one streams, the client may send
 more (they queue, up to a bound) or cancel one (the current one, or a queued one before it starts).
-The WebSocket adapter feeds every text/binary frame to :meth:`Session.handle` and sends back what it
-returns; it asks :meth:`Session.next_job` what to stream next.
+Text streamed in from an LLM (``text``/``flush``/``end`` on a ``context_id``) becomes one job per
+sentence, all feeding one continuous audio stream that ends with a single ``done``.
+
+The WebSocket adapter feeds every frame to :meth:`Session.handle`, sends back what it returns, and
+asks :meth:`Session.next_job` what to stream next.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from csmserve.errors import CsmServeError, InvalidRequest
 from csmserve.protocol import (
     CancelMessage,
+    FlushMessage,
     GenerateRequest,
     Limits,
+    TextMessage,
     done_event,
     error_event,
     parse_client_message,
     request_id_of,
 )
+from csmserve.text.sentences import SentenceBuffer
+
+
+@dataclass
+class TextStream:
+    """One ``context_id``'s stream: its options (from the first message), pending text, and state
+    carried from sentence to sentence (the engine's continuation, the audio output, the stats)."""
+
+    context_id: str
+    options: GenerateRequest
+    started_at: float
+    buffer: SentenceBuffer = field(default_factory=SentenceBuffer)
+    continuation: Any = None
+    output: Any = None
+    stats: Any = None
+    ended: bool = False
 
 
 @dataclass
 class Job:
-    """One accepted request on this connection."""
+    """One unit of streaming: a request, or one sentence (or the end) of a text stream."""
 
     request: GenerateRequest
     received_at: float
     cancelled: bool = False
+    stream: TextStream | None = None
+    #: The end of a text stream: flush its output and send its ``done``.
+    final: bool = False
+
+    @property
+    def request_id(self) -> str | None:
+        return self.request.request_id
 
 
 @dataclass
@@ -46,6 +75,7 @@ class Session:
         self.max_pending = max_pending
         self.pending: deque[Job] = deque()
         self.current: Job | None = None
+        self.streams: dict[str, TextStream] = {}
 
     def handle(self, raw: str | bytes | None, now: float) -> Outcome:
         """Process one client frame. Never raises: a bad frame becomes an error event."""
@@ -54,38 +84,101 @@ class Session:
         except InvalidRequest as exc:
             return Outcome([error_event(exc.code, exc.message, request_id_of(raw))])
         if isinstance(message, CancelMessage):
-            return self._cancel(message.request_id)
-        return self._enqueue(message, now)
+            return self._cancel(message)
+        if isinstance(message, TextMessage):
+            return self._text(message, now)
+        if isinstance(message, FlushMessage):
+            return self._flush(message, now)
+        return self._enqueue([Job(message, now)])
 
-    def _enqueue(self, request: GenerateRequest, now: float) -> Outcome:
-        if len(self.pending) >= self.max_pending:
+    def _enqueue(self, jobs: list[Job]) -> Outcome:
+        if not jobs:
+            return Outcome()
+        speaking = [j for j in jobs if not j.final]
+        if len(self.pending) + len(speaking) > self.max_pending:
+            rid = jobs[0].request_id
             return Outcome(
                 [
                     error_event(
                         "too_many_pending",
                         f"{self.max_pending} requests are already queued on this connection; "
                         "wait for one to finish or cancel one",
-                        request.request_id,
+                        rid,
                     )
                 ]
             )
-        self.pending.append(Job(request, now))
+        self.pending.extend(jobs)
         return Outcome()
 
-    def _cancel(self, request_id: str | None) -> Outcome:
+    # -- streamed text ------------------------------------------------------------------------
+    def _stream_for(self, context_id: str, options: GenerateRequest | None, now: float) -> TextStream:
+        stream = self.streams.get(context_id)
+        if stream is None:
+            if options is None:
+                raise InvalidRequest(f"no text was sent on context {context_id!r}")
+            if options.request_id is None:
+                options = options.model_copy(update={"request_id": context_id})
+            stream = self.streams[context_id] = TextStream(context_id, options, now)
+        return stream
+
+    def _sentence_jobs(self, stream: TextStream, sentences: list[str], now: float) -> list[Job]:
+        return [
+            Job(stream.options.model_copy(update={"text": s}), now, stream=stream) for s in sentences if s.strip()
+        ]
+
+    def _text(self, message: TextMessage, now: float) -> Outcome:
+        stream = self._stream_for(message.context_id, message.options, now)
+        return self._enqueue(self._sentence_jobs(stream, stream.buffer.push(message.text), now))
+
+    def _flush(self, message: FlushMessage, now: float) -> Outcome:
+        try:
+            stream = self._stream_for(message.context_id, None, now)
+        except InvalidRequest as exc:
+            return Outcome([error_event(exc.code, exc.message, message.context_id)])
+        jobs = self._sentence_jobs(stream, stream.buffer.flush(), now)
+        if message.type == "end":
+            stream.ended = True
+            del self.streams[message.context_id]
+            jobs.append(Job(stream.options, now, stream=stream, final=True))
+        return self._enqueue(jobs)
+
+    # -- cancel -------------------------------------------------------------------------------
+    def _cancel(self, message: CancelMessage) -> Outcome:
+        if message.context_id is not None:
+            return self._cancel_stream(message.context_id)
         current = self.current
-        if current is not None and not current.cancelled and request_id in (None, current.request.request_id):
+        rid = message.request_id
+        if current is not None and not current.cancelled and rid in (None, current.request_id):
+            if current.stream is not None:
+                return self._cancel_stream(current.stream.context_id)
             current.cancelled = True
             return Outcome(cancel_current=True)
         for job in self.pending:
-            if request_id is not None and job.request.request_id == request_id:
+            if rid is not None and job.request_id == rid and job.stream is None:
                 self.pending.remove(job)
-                return Outcome([done_event(request_id, cancelled=True, audio_ms=0)])
+                return Outcome([done_event(rid, cancelled=True, audio_ms=0)])
         # Nothing to cancel (it may have just finished): barge-in races are normal, so no error.
         return Outcome()
 
+    def _cancel_stream(self, context_id: str) -> Outcome:
+        stream = self.streams.pop(context_id, None)
+        queued = [j for j in self.pending if j.stream is not None and j.stream.context_id == context_id]
+        for job in queued:
+            self.pending.remove(job)
+        if stream is None and queued:
+            stream = queued[0].stream
+        current = self.current
+        outcome = Outcome()
+        if current is not None and current.stream is not None and current.stream.context_id == context_id:
+            current.cancelled = True
+            stream = current.stream
+            outcome.cancel_current = True
+        if stream is not None:
+            outcome.events.append(done_event(stream.options.request_id, context_id=context_id, cancelled=True))
+        return outcome
+
     def next_job(self) -> Job | None:
-        """The next request to stream, which becomes :attr:`current`."""
+        """The next job to stream, which becomes :attr:`current`."""
         self.current = self.pending.popleft() if self.pending else None
         return self.current
 

@@ -35,7 +35,7 @@ def free_port() -> int:
 def clean_env(tmp_path: Path, **extra: str) -> dict:
     """The test's environment without hub credentials or offline switches, and an empty HF cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "CSM_"))}
-    env.update(HF_HOME=str(tmp_path / "hf-home"), CSM_AUDIO_DIR=str(tmp_path / "audio"))
+    env.update(HF_HOME=str(tmp_path / "hf-home"), CSM_AUDIO_DIR=str(tmp_path / "audio"), CSM_VOICES_DIR=str(tmp_path / "voices"))
     env.update(extra)
     return env
 

@@ -113,7 +113,7 @@ BAD_MESSAGES = {
     "empty text": '{"text": "", "speaker_id": 0}',
     "blank text": '{"text": "   ", "speaker_id": 0}',
     "non-string text": '{"text": 42, "speaker_id": 0}',
-    "too-long text": json.dumps({"text": "a" * 1001, "speaker_id": 0}),
+    "too-long text": json.dumps({"text": "a" * 4097, "speaker_id": 0}),
     "speaker_id too high": '{"text": "Hello", "speaker_id": 10}',
     "negative speaker_id": '{"text": "Hello", "speaker_id": -1}',
     "string speaker_id": '{"text": "Hello", "speaker_id": "0"}',

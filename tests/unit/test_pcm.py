@@ -15,10 +15,10 @@ def test_out_of_range_samples_clip_instead_of_wrapping():
 
 
 def test_chunker_emits_exact_sizes_and_loses_nothing():
-    """Pieces of any size come out as chunk_samples chunks plus one shorter tail, in order."""
+    """Pieces of any size come out as chunk_bytes chunks plus one shorter tail, in order."""
     rng = np.random.default_rng(0)
     pieces = [rng.integers(-3000, 3000, size=n).astype("<i2") for n in (1920, 7, 5000, 1, 1920 * 3)]
-    chunker = Chunker(4800)
+    chunker = Chunker(9600)
     chunks = [c for p in pieces for c in chunker.push(p)]
     tail = chunker.flush()
     assert all(len(c) == 9600 for c in chunks)
@@ -27,7 +27,7 @@ def test_chunker_emits_exact_sizes_and_loses_nothing():
 
 
 def test_first_chunk_can_be_smaller():
-    """first_chunk_samples applies to the first chunk only."""
-    chunker = Chunker(4800, first_chunk_samples=960)
+    """first_chunk_bytes applies to the first chunk only."""
+    chunker = Chunker(9600, first_chunk_bytes=1920)
     chunks = list(chunker.push(np.zeros(10_000, dtype="<i2")))
     assert [len(c) for c in chunks] == [1920, 9600]

@@ -19,8 +19,37 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class ContextTurn:
+    """An earlier turn of the conversation, given to CSM as context for prosody and voice.
+
+    ``codes``: Mimi codes ``(frames, 32)`` (a stored voice); ``audio``: mono float32 at 24 kHz (a
+    client's turn, encoded by the engine). Neither: text-only context.
+    """
+
+    speaker_id: int
+    text: str
+    codes: np.ndarray | None = None
+    audio: np.ndarray | None = None
+
+
+@dataclass
+class Continuation:
+    """What one audio stream carries from one generation to the next (text streamed sentence by
+    sentence): the previous sentence as context, and the engine's own state (e.g. the codec's), so
+    the sentences sound like one voice and join without a seam. Owned by one stream; mutable."""
+
+    previous: ContextTurn | None = None
+    engine_state: object = None
+
+
+@dataclass(frozen=True)
 class SynthesisRequest:
-    """What the engine needs for one utterance (already validated by the protocol layer)."""
+    """What the engine needs for one utterance (already validated by the protocol layer).
+
+    ``voice`` turns come first and are kept; ``context`` turns follow and are trimmed oldest-first
+    when the model's window is short. Long ``text`` is generated sentence group by sentence group,
+    each with the previous one as context, as one continuous stream.
+    """
 
     text: str
     speaker_id: int = 0
@@ -29,6 +58,9 @@ class SynthesisRequest:
     top_k: int | None = None
     seed: int | None = None
     request_id: str | None = None
+    voice: tuple[ContextTurn, ...] = ()
+    context: tuple[ContextTurn, ...] = ()
+    continuation: Continuation | None = None
 
 
 @dataclass
@@ -54,6 +86,9 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Stop the worker and free the model."""
+
+    async def encode(self, audio: np.ndarray) -> np.ndarray:
+        """Codec codes ``(frames, 32)`` for mono float32 audio at ``sample_rate`` (voices)."""
 
     def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
         """Audio for ``request`` as float32 mono pieces at ``sample_rate``, each yielded as soon as

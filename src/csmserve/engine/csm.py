@@ -155,39 +155,92 @@ class CsmEngine:
     def max_frames(self, request: SynthesisRequest) -> int:
         return max(1, request.max_audio_ms // FRAME_MS)
 
-    def _generate(self, request: SynthesisRequest, cancelled: threading.Event) -> Iterator[np.ndarray]:
+    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+        """Mimi codes ``(frames, 32)`` int16 for mono float32 audio at 24 kHz. Worker thread only."""
         import torch
 
-        frames = self._frames
-        decoder = self._decoder
-        decoder.reset()
-        embeds = frames.embed_text(self.prompt_ids(request))
-        codes_iter = frames.frames(
-            embeds,
-            self.max_frames(request),
-            temperature=request.temperature,
-            top_k=request.top_k,
-            seed=request.seed,
-        )
-        try:
-            for codes in codes_iter:
-                if cancelled.is_set():
-                    return
-                with torch.inference_mode():
-                    audio = decoder.decode(codes[:, None].to(frames.device))
-                yield audio.float().cpu().numpy()
-        finally:
-            codes_iter.close()
+        codec = self._loaded.model.codec_model
+        device = self._frames.device
+        with torch.inference_mode():
+            values = torch.as_tensor(np.asarray(audio, dtype=np.float32), device=device)[None, None]
+            codes = codec.encode(values.to(codec.dtype)).audio_codes[0]  # (32, frames)
+        return codes.T.cpu().numpy().astype(np.int16)
 
-    def frame_codes(self, request: SynthesisRequest, *, greedy: bool = False) -> list:
-        """All codes for ``request`` (no audio), on the calling thread: for tests and benchmarks."""
-        embeds = self._frames.embed_text(self.prompt_ids(request))
-        return list(
-            self._frames.frames(
-                embeds, self.max_frames(request), temperature=request.temperature, top_k=request.top_k,
-                seed=request.seed, greedy=greedy,
+    async def encode(self, audio: np.ndarray) -> np.ndarray:
+        """:meth:`encode_audio` on the worker thread (after queued requests)."""
+        return await self._worker.call(lambda: self.encode_audio(audio))
+
+    def _turns(self, turns) -> list:
+        from csmserve.engine.prompt import Turn
+
+        out = []
+        for turn in turns:
+            if isinstance(turn, Turn):
+                out.append(turn)
+                continue
+            codes = turn.codes
+            if codes is None and turn.audio is not None and len(turn.audio):
+                codes = self.encode_audio(turn.audio)
+            out.append(Turn(turn.speaker_id, turn.text, codes))
+        return out
+
+    def _generate(self, request: SynthesisRequest, cancelled: threading.Event) -> Iterator[np.ndarray]:
+        """Frames of ``request`` decoded one by one, sentence group after sentence group, into one
+        continuous stream (the codec state carries across groups, so there is no seam)."""
+        import torch
+
+        from csmserve.engine.prompt import PromptBuilder, Turn
+        from csmserve.text.sentences import chunk_for_window, split_sentences
+
+        frames, decoder = self._frames, self._decoder
+        builder = PromptBuilder(self._loaded.processor.tokenizer, frames)
+        carry = request.continuation
+        if carry is None:
+            decoder.reset()
+        else:  # a stream's own codec state, so its sentences join without a seam
+            if carry.engine_state is None:
+                from csmserve.engine.mimi_stream import StreamingMimiDecoder
+
+                carry.engine_state = StreamingMimiDecoder(self._loaded.model.codec_model)
+            decoder = carry.engine_state
+        voice = self._turns(request.voice)
+        context = self._turns(request.context) + ([carry.previous] if carry and carry.previous else [])
+        pieces = chunk_for_window(split_sentences(request.text), self.settings.max_chars_per_generation)
+        remaining = self.max_frames(request)
+        window = frames.max_positions
+        for index, piece in enumerate(pieces):
+            if remaining <= 0 or cancelled.is_set():
+                return
+            # The piece's own share of the audio budget, so one sentence cannot starve the rest.
+            share = self.settings.audio_budget_ms(piece) // FRAME_MS if len(pieces) > 1 else remaining
+            budget = min(remaining, max(1, share))
+            target = builder.token_ids(request.speaker_id, piece).shape[1]
+            kept_voice = builder.fit(voice, target, budget, window)
+            used = sum(t.positions(builder.token_ids(t.speaker_id, t.text).shape[1]) for t in kept_voice)
+            kept = kept_voice + builder.fit(context, target + used, budget, window)
+            embeds = builder.embeddings(kept, request.speaker_id, piece)
+            seed = None if request.seed is None else request.seed + index
+            generated = []
+            codes_iter = frames.frames(
+                embeds, budget, temperature=request.temperature, top_k=request.top_k, seed=seed
             )
-        )
+            try:
+                for codes in codes_iter:
+                    if cancelled.is_set():
+                        return
+                    generated.append(codes)
+                    with torch.inference_mode():
+                        audio = decoder.decode(codes[:, None].to(frames.device))
+                    yield audio.float().cpu().numpy()
+            finally:
+                codes_iter.close()
+            remaining -= len(generated)
+            if generated:
+                # The next piece hears this one: same voice, continuous prosody.
+                last = Turn(request.speaker_id, piece, torch.stack(generated).numpy())
+                context = context + [last]
+                if carry is not None:
+                    carry.previous = last
 
     async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
         if not self.info.ready:

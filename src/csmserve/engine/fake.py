@@ -54,13 +54,18 @@ class FakeEngine:
         t = (np.arange(self.frame_size) + index * self.frame_size) / self.sample_rate
         return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
-    def render(self, request: SynthesisRequest) -> np.ndarray:
-        """The whole utterance at once (what a client must receive, before int16 conversion)."""
-        return np.concatenate([self.frame(request, i) for i in range(self.num_frames(request))])
+    def render(self, request: SynthesisRequest, start_frame: int = 0) -> np.ndarray:
+        """The whole utterance at once (what a client must receive, before int16 conversion).
+
+        ``start_frame``: where a continued stream's frame count stood (the tone's phase continues)."""
+        count = self.num_frames(request)
+        return np.concatenate([self.frame(request, start_frame + i) for i in range(count)])
 
     def _generate(self, request: SynthesisRequest, cancelled: threading.Event) -> Iterator[np.ndarray]:
         key = request.request_id
-        self.frames_made[key] = 0
+        self.frames_made.setdefault(key, 0)
+        carry = request.continuation
+        start = carry.engine_state or 0 if carry is not None else 0
         for index in range(self.num_frames(request)):
             if cancelled.is_set():
                 return
@@ -69,7 +74,15 @@ class FakeEngine:
             if self.fail_at_frame is not None and index == self.fail_at_frame:
                 raise RuntimeError("injected model failure")
             self.frames_made[key] += 1
-            yield self.frame(request, index)
+            if carry is not None:
+                carry.engine_state = start + index + 1
+            yield self.frame(request, start + index)
+
+    async def encode(self, audio: np.ndarray) -> np.ndarray:
+        """Stand-in codes ``(frames, 32)``: one frame per 1920 samples, derived from the audio."""
+        frames = max(1, len(audio) // self.frame_size)
+        level = int(1000 * float(np.abs(audio).mean())) % 2048
+        return np.full((frames, 32), level, dtype=np.int16)
 
     async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
         if not self.info.ready:

@@ -23,6 +23,7 @@ from csmserve.engine import Engine, create_engine
 from csmserve.errors import CsmServeError
 from csmserve.protocol import Limits
 from csmserve.server.store import AudioStore
+from csmserve.voices import VoiceStore
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class ServerState:
     settings: Settings
     engine: Engine
     store: AudioStore
+    voices: VoiceStore
     limits: Limits
     load_error: CsmServeError | None = None
 
@@ -57,6 +59,7 @@ def create_app(
         settings=settings,
         engine=engine,
         store=AudioStore(settings.audio_dir, settings.audio_max_files, settings.audio_max_bytes, settings.audio_ttl_s),
+        voices=VoiceStore(settings.voices_dir),
         limits=limits_from(settings),
     )
 
@@ -107,9 +110,11 @@ def create_app(
             status_code=422,
         )
 
-    from csmserve.server import health, rest, ws
+    from csmserve.server import health, openai_api, rest, voices_api, ws
 
     app.include_router(health.router)
     app.include_router(rest.router)
     app.include_router(ws.router)
+    app.include_router(voices_api.router)
+    app.include_router(openai_api.router)
     return app

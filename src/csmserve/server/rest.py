@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from csmserve.audio.wav import pcm16_to_wav
 from csmserve.errors import CsmServeError, InvalidRequest, NotFound, NotReady
-from csmserve.pipeline import StreamStats, pcm_chunks, synthesis_request
+from csmserve.pipeline import AudioOutput, StreamStats, stream_audio, synthesis_request
 from csmserve.protocol import parse_generate, parse_json_object
 
 router = APIRouter()
@@ -34,14 +34,18 @@ async def generate(request: Request) -> Response:
     if not engine.info.ready:
         error = NotReady("the model is still loading; retry when /health says healthy")
         return JSONResponse({"error": error.to_dict()}, status_code=503, headers={"Retry-After": "5"})
+    if parsed.framing is not None or parsed.format != "pcm_s16le":
+        raise InvalidRequest("POST /generate returns WAV (16-bit PCM); use sample_rate to choose its rate")
     stats = StreamStats(engine.sample_rate)
     pcm = bytearray()
+    output = AudioOutput(parsed.model_copy(update={"chunk_ms": 1000}), engine.sample_rate, stats)
     try:
-        async for chunk in pcm_chunks(engine, synthesis_request(parsed, state.settings), 1000, None, stats):
+        synth = synthesis_request(parsed, state.settings, state.voices)
+        async for chunk in stream_audio(engine, synth, output):
             pcm += chunk
     except CsmServeError as exc:
         return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
-    wav = pcm16_to_wav(bytes(pcm), engine.sample_rate)
+    wav = pcm16_to_wav(bytes(pcm), parsed.sample_rate)
     if _wants_wav(request):
         return Response(wav, media_type="audio/wav")
     stored = state.store.put(wav)
@@ -49,9 +53,9 @@ async def generate(request: Request) -> Response:
         "id": stored.id,
         "url": f"/audio/{stored.id}.wav",
         "format": "wav",
-        "sample_rate": engine.sample_rate,
+        "sample_rate": parsed.sample_rate,
         "duration_s": round(stats.samples / engine.sample_rate, 3),
-        "samples": stats.samples,
+        "samples": len(pcm) // 2,
         "bytes": stored.size,
         "expires_in_s": state.settings.audio_ttl_s,
     }

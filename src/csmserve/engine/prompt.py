@@ -1,0 +1,68 @@
+"""CSM prompts with conversational context: earlier turns (text and, optionally, their audio) first.
+
+The layout is the one ``CsmProcessor.apply_chat_template`` produces and the model was trained on:
+
+    for each context turn:  <bos>[speaker]text<eos> <audio frame> x n <audio_eos frame>
+    then the target turn:   <bos>[speaker]text<eos>
+
+Audio frames enter the backbone as the sum of their 32 codebook embeddings; ``<audio_eos>`` is the
+all-``codebook_eos_token_id`` frame. Context is trimmed oldest-first so that prompt plus the audio
+still to generate fit the model's position window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One context turn: who said what, and the Mimi codes ``(frames, 32)`` of how it sounded (optional)."""
+
+    speaker_id: int
+    text: str
+    codes: np.ndarray | None = None
+
+    def positions(self, text_tokens: int) -> int:
+        frames = 0 if self.codes is None else len(self.codes) + 1  # + the audio_eos frame
+        return text_tokens + frames
+
+
+class PromptBuilder:
+    """Builds backbone input embeddings ``(1, T, hidden)`` for a target turn and its context."""
+
+    def __init__(self, tokenizer, frames):
+        """``tokenizer``: the processor's tokenizer (adds BOS/EOS); ``frames``: a FrameGenerator."""
+        self.tokenizer = tokenizer
+        self.frames = frames
+
+    def token_ids(self, speaker_id: int, text: str) -> torch.Tensor:
+        ids = self.tokenizer(f"[{speaker_id}]{text}", add_special_tokens=True, return_tensors="pt")["input_ids"]
+        return ids
+
+    def fit(self, context: Sequence[Turn], target_positions: int, reserve: int, window: int) -> list[Turn]:
+        """The newest turns of ``context`` whose positions fit ``window - target_positions - reserve``."""
+        budget = window - target_positions - reserve
+        kept: list[Turn] = []
+        for turn in reversed(context):
+            need = turn.positions(self.token_ids(turn.speaker_id, turn.text).shape[1])
+            if need > budget:
+                break
+            kept.append(turn)
+            budget -= need
+        return kept[::-1]
+
+    def embeddings(self, context: Sequence[Turn], speaker_id: int, text: str) -> torch.Tensor:
+        parts = []
+        eos_frame = torch.full((1, self.frames.num_codebooks), self.frames.eos_id, dtype=torch.long)
+        for turn in context:
+            parts.append(self.frames.embed_text(self.token_ids(turn.speaker_id, turn.text)))
+            if turn.codes is not None and len(turn.codes):
+                codes = torch.as_tensor(np.asarray(turn.codes), dtype=torch.long)
+                parts.append(self.frames.embed_frames(torch.cat([codes, eos_frame])))
+        parts.append(self.frames.embed_text(self.token_ids(speaker_id, text)))
+        return torch.cat(parts, dim=1)
