@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -36,6 +37,37 @@ def test_readme_csmclient_example_runs_as_written(fake_server, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "bytes of PCM" in result.stdout and "'done': True" in result.stdout
+
+
+def test_readme_openai_example_runs_as_written(fake_server, tmp_path):
+    """The openai client example streams an mp3 to a file."""
+    block = next(b for b in python_blocks() if "from openai import OpenAI" in b)
+    script = block.replace("http://127.0.0.1:8000/v1", fake_server.http + "/v1")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "hello.mp3").stat().st_size > 1000
+
+
+def test_readme_twilio_bridge_forwards_exactly_twilio_messages(fake_server):
+    """The bridge sketch forwards media messages and the mark, and stops at done."""
+    import asyncio
+
+    block = next(b for b in python_blocks() if "async def speak" in b)
+    namespace: dict = {}
+    exec(block, namespace)
+
+    class FakeTwilio:
+        def __init__(self):
+            self.sent = []
+
+        async def send(self, message):
+            self.sent.append(json.loads(message))
+
+    twilio = FakeTwilio()
+    asyncio.run(namespace["speak"](twilio, "MZabc", "Hello caller.", url=fake_server.ws))
+    assert twilio.sent[-1]["event"] == "mark"
+    assert all(m["streamSid"] == "MZabc" for m in twilio.sent)
+    assert {m["event"] for m in twilio.sent[:-1]} == {"media"}
 
 
 def test_readme_configuration_table_lists_every_setting():
