@@ -42,6 +42,20 @@ def test_generate_returns_a_download_url_for_the_wav(fake_server):
     assert body["duration_s"] == pytest.approx(len(expected) / 24000, abs=1e-3)
 
 
+@pytest.mark.parametrize("body, subtype, rate", [
+    ({"format": "mulaw"}, "ULAW", 8000),
+    ({"format": "alaw"}, "ALAW", 8000),
+    ({"sample_rate": 16000}, "PCM_16", 16000),
+])
+def test_generate_writes_the_requested_encoding_and_rate(fake_server, body, subtype, rate):
+    """format and sample_rate apply to REST too: a µ-law, A-law or resampled PCM WAV."""
+    response = httpx.post(fake_server.http + "/generate", json={"text": TEXT, **body}, headers={"Accept": "audio/wav"})
+    info = sf.info(io.BytesIO(response.content))
+    assert (info.subtype, info.samplerate) == (subtype, rate)
+    expected = len(fake_server.engine.render(SynthesisRequest(TEXT, max_audio_ms=90_000))) * rate / 24000
+    assert abs(info.frames - expected) <= 2
+
+
 def test_accept_audio_wav_returns_the_wav_directly(fake_server):
     """A client asking for audio/wav gets the file in the response body."""
     response = httpx.post(fake_server.http + "/generate", json={"text": TEXT}, headers={"Accept": "audio/wav"})

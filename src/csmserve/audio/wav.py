@@ -8,9 +8,12 @@ import numpy as np
 import soundfile as sf
 
 
-def pcm16_to_wav(pcm: bytes, sample_rate: int) -> bytes:
-    """Mono s16le bytes to a complete 16-bit PCM WAV file."""
+SUBTYPES = {"pcm_s16le": "PCM_16", "mulaw": "ULAW", "alaw": "ALAW"}
+
+
+def pcm16_to_wav(pcm: bytes, sample_rate: int, encoding: str = "pcm_s16le") -> bytes:
+    """Mono s16le bytes to a complete WAV file, stored as 16-bit PCM, µ-law or A-law (``encoding``)."""
     samples = np.frombuffer(pcm, dtype="<i2")
     buffer = io.BytesIO()
-    sf.write(buffer, samples, sample_rate, format="WAV", subtype="PCM_16")
+    sf.write(buffer, samples, sample_rate, format="WAV", subtype=SUBTYPES[encoding])
     return buffer.getvalue()

@@ -34,18 +34,20 @@ async def generate(request: Request) -> Response:
     if not engine.info.ready:
         error = NotReady("the model is still loading; retry when /health says healthy")
         return JSONResponse({"error": error.to_dict()}, status_code=503, headers={"Retry-After": "5"})
-    if parsed.framing is not None or parsed.format != "pcm_s16le":
-        raise InvalidRequest("POST /generate returns WAV (16-bit PCM); use sample_rate to choose its rate")
+    if parsed.framing is not None:
+        raise InvalidRequest("framing is for WebSocket streams; POST /generate returns a WAV file")
     stats = StreamStats(engine.sample_rate)
     pcm = bytearray()
-    output = AudioOutput(parsed.model_copy(update={"chunk_ms": 1000}), engine.sample_rate, stats)
+    # 16-bit PCM at the requested rate; a G.711 format is applied by the WAV writer.
+    as_pcm = {"chunk_ms": 1000, "format": "pcm_s16le"}
+    output = AudioOutput(parsed.model_copy(update=as_pcm), engine.sample_rate, stats)
     try:
         synth = synthesis_request(parsed, state.settings, state.voices)
         async for chunk in stream_audio(engine, synth, output):
             pcm += chunk
     except CsmServeError as exc:
         return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
-    wav = pcm16_to_wav(bytes(pcm), parsed.sample_rate)
+    wav = pcm16_to_wav(bytes(pcm), parsed.sample_rate, parsed.format)
     if _wants_wav(request):
         return Response(wav, media_type="audio/wav")
     stored = state.store.put(wav)
@@ -53,6 +55,7 @@ async def generate(request: Request) -> Response:
         "id": stored.id,
         "url": f"/audio/{stored.id}.wav",
         "format": "wav",
+        "encoding": parsed.format,
         "sample_rate": parsed.sample_rate,
         "duration_s": round(stats.samples / engine.sample_rate, 3),
         "samples": len(pcm) // 2,
