@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -48,14 +49,51 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+class DrainingServer:
+    """uvicorn's server, with a graceful drain on SIGTERM/SIGINT.
+
+    First signal: the app stops admitting (``/ready`` 503, new WebSocket requests closed 1013) and
+    in-flight streams get up to ``drain_timeout_s`` to finish; then uvicorn shuts down. A second
+    signal exits at once.
+    """
+
+    def __init__(self, config, state):
+        import uvicorn
+
+        self.state = state
+        outer = self
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                if outer.state.draining or self.should_exit:
+                    return super().handle_exit(sig, frame)
+                outer.state.draining = True
+                logging.getLogger("csmserve").warning(
+                    "draining: %d stream(s) in flight, up to %.0f s", outer.state.active, outer.state.settings.drain_timeout_s
+                )
+                outer.loop.call_soon_threadsafe(lambda: outer.loop.create_task(outer.drain()))
+
+        self.server = _Server(config)
+        self.loop = None
+
+    async def drain(self) -> None:
+        deadline = time.monotonic() + self.state.settings.drain_timeout_s
+        while self.state.active > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        logging.getLogger("csmserve").warning("drained (%d stream(s) left); shutting down", self.state.active)
+        self.server.should_exit = True
+
+    async def serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.server.serve()
+
+    @property
+    def should_exit(self) -> bool:
+        return self.server.should_exit
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self.server.should_exit = value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -66,7 +104,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
+    from csmserve.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
     import uvicorn
 
     from csmserve.server.app import create_app
@@ -83,13 +123,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        ws_per_message_deflate=False,
+        log_config=None,  # ours: text or JSON, request ids, secrets redacted
+        ws_per_message_deflate=False,  # audio does not compress; deflate only costs CPU and latency
         # Frames a little over the limit get a JSON error from the app; far larger ones a 1009 close.
         ws_max_size=max(1 << 20, 4 * settings.max_message_bytes),
         timeout_graceful_shutdown=10,
     )
-    server = uvicorn.Server(config)
-    server.run()
+    server = DrainingServer(config, app.state.csm)
+    asyncio.run(server.serve())
     if failure:
         print(f"error: {failure[0].message}", file=sys.stderr)
         return EXIT_LOAD_FAILED

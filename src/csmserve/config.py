@@ -6,10 +6,10 @@ Never imports torch: ``csmserve --help`` and the protocol layer must stay light.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "sesame/csm-1b"
 
@@ -41,10 +41,30 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Run one short generation at start-up before reporting ready.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
 
+    fake_frame_delay_ms: float = Field(0.0, ge=0, description="fake engine only: time per 80 ms frame.")
+
     # Server
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    log_format: Literal["text", "json"] = Field("text", description="text, or one JSON object per line.")
+
+    # Security
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), description="Comma-separated API keys. Empty: no authentication (a warning at start-up)."
+    )
+    allowed_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Comma-separated Origins allowed to open WebSockets. Empty: any."
+    )
+    protect_metrics: bool = Field(True, description="/metrics needs an API key when keys are configured.")
+
+    # Admission and limits
+    max_streams: int = Field(16, ge=1, description="Requests streaming at once (all connections); more get 1013/429.")
+    max_queue: int = Field(32, ge=1, description="Requests waiting for the model worker; more get 1013/429.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Deadline for one request, from its start.")
+    max_lag_s: float = Field(10.0, gt=0, description="A client that stops reading for this long is closed.")
+    idle_timeout_s: float = Field(300.0, gt=0, description="A WebSocket with nothing to do for this long is closed.")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight streams may finish.")
 
     # Requests
     max_text_chars: int = Field(4096, ge=1, description="Longest accepted text, in characters (OpenAI's limit).")
@@ -76,6 +96,13 @@ class Settings(BaseSettings):
     audio_max_files: int = Field(256, ge=1, description="Most WAV files kept; the oldest go first.")
     audio_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Most bytes of WAV kept.")
     audio_ttl_s: int = Field(3600, ge=1, description="Seconds a WAV stays downloadable.")
+
+    @field_validator("api_keys", "allowed_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Settings:

@@ -55,6 +55,25 @@ class Overloaded(CsmServeError):
     ws_close_code = 1013
 
 
+class OutOfMemory(CsmServeError):
+    """One request ran out of (GPU) memory; it failed alone, memory was freed, the server goes on."""
+
+    code = "out_of_memory"
+    http_status = 503
+
+
+class ModelFailed(CsmServeError):
+    """The device failed in a way that a retry will not fix (a CUDA error): the server is not ready."""
+
+    code = "model_failed"
+    http_status = 503
+
+
+class DeadlineExceeded(CsmServeError):
+    code = "deadline_exceeded"
+    http_status = 504
+
+
 class GenerationFailed(CsmServeError):
     """The model raised while generating one request; the server keeps serving."""
 

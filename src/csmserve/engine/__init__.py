@@ -101,7 +101,7 @@ def create_engine(settings: Settings) -> Engine:
     if settings.engine == "fake":
         from csmserve.engine.fake import FakeEngine
 
-        return FakeEngine()
+        return FakeEngine(frame_delay_s=settings.fake_frame_delay_ms / 1000, max_queue=settings.max_queue)
     from csmserve.engine.csm import CsmEngine
 
     return CsmEngine(settings)

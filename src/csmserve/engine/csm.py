@@ -67,7 +67,7 @@ class CsmEngine:
         self.info = EngineInfo(name="csm", model=settings.model or DEFAULT_MODEL)
         self._from_pretrained = from_pretrained
         self._preloaded = loaded
-        self._worker = ModelWorker(setup=self._thread_setup)
+        self._worker = ModelWorker(setup=self._thread_setup, max_queued=settings.max_queue)
         self._loaded = None
         self._frames = None
         self._decoder = None
@@ -247,5 +247,9 @@ class CsmEngine:
             from csmserve.errors import NotReady
 
             raise NotReady("the model is still loading; retry when /health says healthy")
-        async for piece in self._worker.stream(lambda cancelled: self._generate(request, cancelled)):
-            yield piece
+        try:
+            async for piece in self._worker.stream(lambda cancelled: self._generate(request, cancelled)):
+                yield piece
+        finally:
+            if self._worker.fatal:  # a CUDA error: stop reporting ready
+                self.info.failed = self._worker.fatal

@@ -26,12 +26,22 @@ class FakeEngine:
     sample_rate = 24_000
     frame_size = 1920
 
-    def __init__(self, *, frame_delay_s: float = 0.0, fail_at_frame: int | None = None, load_delay_s: float = 0.0):
+    def __init__(
+        self,
+        *,
+        frame_delay_s: float = 0.0,
+        fail_at_frame: int | None = None,
+        fail_with: BaseException | None = None,
+        load_delay_s: float = 0.0,
+        max_queue: int = 64,
+    ):
         self.frame_delay_s = frame_delay_s
         self.fail_at_frame = fail_at_frame
+        #: What the injected failure raises (default RuntimeError): e.g. torch.OutOfMemoryError.
+        self.fail_with = fail_with
         self.load_delay_s = load_delay_s
         self.info = EngineInfo(name="fake", model="fake-tone", offline_model=True)
-        self._worker = ModelWorker(name="fake-worker")
+        self._worker = ModelWorker(name="fake-worker", max_queued=max_queue)
         #: Frames computed per request id (tests check how many were made after a cancel).
         self.frames_made: dict[str | None, int] = {}
 
@@ -72,6 +82,8 @@ class FakeEngine:
             if self.frame_delay_s:
                 time.sleep(self.frame_delay_s)
             if self.fail_at_frame is not None and index == self.fail_at_frame:
+                if self.fail_with is not None:
+                    raise self.fail_with
                 raise RuntimeError("injected model failure")
             self.frames_made[key] += 1
             if carry is not None:
@@ -87,5 +99,9 @@ class FakeEngine:
     async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
         if not self.info.ready:
             raise NotReady("the model is still loading; retry when /health says healthy")
-        async for piece in self._worker.stream(lambda cancelled: self._generate(request, cancelled)):
-            yield piece
+        try:
+            async for piece in self._worker.stream(lambda cancelled: self._generate(request, cancelled)):
+                yield piece
+        finally:
+            if self._worker.fatal:
+                self.info.failed = self._worker.fatal

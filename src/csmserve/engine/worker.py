@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from csmserve.errors import CsmServeError, GenerationFailed, Overloaded
+from csmserve.errors import CsmServeError, GenerationFailed, ModelFailed, OutOfMemory, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class ModelWorker:
         self._setup = setup
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = False
+        #: Set when the device failed for good (a CUDA error): the engine reports it as not ready.
+        self.fatal: str | None = None
 
     def start(self) -> None:
         if not self._started:
@@ -85,9 +87,7 @@ class ModelWorker:
                 if item is _END:
                     return
                 if isinstance(item, _Failure):
-                    if isinstance(item.error, CsmServeError):
-                        raise item.error
-                    raise GenerationFailed(f"generation failed: {type(item.error).__name__}: {item.error}")
+                    raise item.error
                 yield item
         finally:
             job.cancelled.set()
@@ -117,8 +117,25 @@ class ModelWorker:
                         close()
                 self._deliver(job, _END)
             except BaseException as exc:  # noqa: BLE001 - a failing job must not kill the worker
-                log.exception("job failed")
-                self._deliver(job, _Failure(exc))
+                error = self._classify(exc)
+                log.error("job failed: %s", error.message, exc_info=not isinstance(exc, CsmServeError))
+                self._deliver(job, _Failure(error))
+
+    def _classify(self, exc: BaseException) -> CsmServeError:
+        """Map a job's exception to the error its client gets; free memory after an OOM."""
+        if isinstance(exc, CsmServeError):
+            return exc
+        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            import sys
+
+            torch = sys.modules.get("torch")
+            if torch is not None and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return OutOfMemory("out of memory while generating this request; it was stopped and memory freed, retry")
+        if "CUDA error" in str(exc) or "device-side assert" in str(exc):
+            self.fatal = f"the GPU failed: {exc}"
+            return ModelFailed(f"the GPU failed ({exc}); the server needs a restart")
+        return GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}")
 
     def _deliver(self, job: Job, item: Any) -> bool:
         """Hand ``item`` to the job's consumer, waiting while its channel is full. False if cancelled."""

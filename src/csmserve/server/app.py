@@ -15,13 +15,17 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from csmserve import __version__
 from csmserve.config import Settings
 from csmserve.engine import Engine, create_engine
-from csmserve.errors import CsmServeError
+from csmserve.errors import CsmServeError, Overloaded
+from csmserve.logs import request_id
+from csmserve.metrics import Metrics
 from csmserve.protocol import Limits
+from csmserve.server.auth import KeyChecker, is_public, presented_key
 from csmserve.server.store import AudioStore
 from csmserve.voices import VoiceStore
 
@@ -35,7 +39,29 @@ class ServerState:
     store: AudioStore
     voices: VoiceStore
     limits: Limits
+    metrics: Metrics
+    keys: KeyChecker
     load_error: CsmServeError | None = None
+    #: Set on SIGTERM: /ready is 503, new requests are refused, in-flight ones finish.
+    draining: bool = False
+    active: int = 0
+
+    def enter(self) -> None:
+        """Admit one streaming request, or raise :class:`Overloaded` (WebSocket 1013, HTTP 429)."""
+        if self.draining:
+            raise Overloaded("the server is shutting down; reconnect to another instance")
+        if self.active >= self.settings.max_streams:
+            raise Overloaded(f"{self.settings.max_streams} requests are streaming already; retry shortly")
+        self.active += 1
+        self.metrics.active_streams.set(self.active)
+
+    def leave(self) -> None:
+        self.active -= 1
+        self.metrics.active_streams.set(self.active)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.info.ready and not self.draining and not self.engine.info.failed
 
 
 def limits_from(settings: Settings) -> Limits:
@@ -61,7 +87,16 @@ def create_app(
         store=AudioStore(settings.audio_dir, settings.audio_max_files, settings.audio_max_bytes, settings.audio_ttl_s),
         voices=VoiceStore(settings.voices_dir),
         limits=limits_from(settings),
+        metrics=Metrics(),
+        keys=KeyChecker(settings.api_keys),
     )
+    worker = getattr(engine, "_worker", None)
+    if worker is not None:
+        state.metrics.queue_depth.set_function(lambda: worker.queued)
+    if not state.keys.enabled:
+        log.warning(
+            "no API keys configured (CSM_API_KEYS): anyone who can reach this port can use the model"
+        )
 
     async def load() -> None:
         try:
@@ -95,9 +130,29 @@ def create_app(
     app = FastAPI(title="csmserve", version=__version__, lifespan=lifespan)
     app.state.csm = state
 
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        request_id.set(request.headers.get("x-request-id"))
+        if state.keys.enabled and not is_public(request.url.path, settings.protect_metrics):
+            key = presented_key(request)
+            if not key:
+                return JSONResponse(
+                    {"error": {"code": "unauthorized", "message": "an API key is required: Authorization: Bearer <key>, X-API-Key, or ?token="}},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            if not state.keys.valid(key):
+                return JSONResponse({"error": {"code": "forbidden", "message": "the API key is not valid"}}, status_code=403)
+        return await call_next(request)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.exception_handler(CsmServeError)
     async def _csm_error(_request: Request, exc: CsmServeError) -> JSONResponse:
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+        headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else None
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -14,9 +14,9 @@ OFFLINE_VOICE = "offline model: random weights, the audio is noise"
 async def health(request: Request) -> JSONResponse:
     state = request.app.state.csm
     info = state.engine.info
-    if info.ready:
+    if info.ready and not info.failed:
         status, code = "healthy", 200
-    elif state.load_error is not None:
+    elif state.load_error is not None or info.failed:
         status, code = "failed", 503
     else:
         status, code = "loading", 503
@@ -35,4 +35,22 @@ async def health(request: Request) -> JSONResponse:
     }
     if state.load_error is not None:
         body["error"] = state.load_error.to_dict()
+    elif info.failed:
+        body["error"] = {"code": "model_failed", "message": info.failed}
     return JSONResponse(body, status_code=code)
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: 200 only when the model is loaded, healthy, and the server is not draining."""
+    state = request.app.state.csm
+    info = state.engine.info
+    if state.ready:
+        return JSONResponse({"ready": True})
+    if state.draining:
+        reason = "draining"
+    elif info.failed or state.load_error is not None:
+        reason = "failed"
+    else:
+        reason = "loading"
+    return JSONResponse({"ready": False, "reason": reason}, status_code=503, headers={"Retry-After": "5"})

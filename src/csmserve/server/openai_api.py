@@ -14,12 +14,13 @@ import json
 import logging
 import time
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from csmserve.audio.containers import RESPONSE_FORMATS, make_container_encoder
-from csmserve.errors import CsmServeError, InvalidRequest
-from csmserve.pipeline import synthesis_request
+from csmserve.errors import CsmServeError, InvalidRequest, Overloaded
+from csmserve.pipeline import StreamStats, synthesis_request
 from csmserve.protocol import parse_json_object, parse_options
 
 log = logging.getLogger(__name__)
@@ -103,20 +104,41 @@ async def speech(request: Request):
     if not engine.info.ready:
         return openai_error(503, "the model is still loading; retry when /health says healthy")
     encoder = make_container_encoder(response_format)
+    try:
+        state.enter()
+    except Overloaded as exc:
+        state.metrics.finished("openai", "rejected")
+        return JSONResponse(
+            {"error": {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}},
+            status_code=429, headers={"Retry-After": "1"},
+        )
+    stats = StreamStats(engine.sample_rate)
 
     async def audio_bytes():
         stream = engine.synthesize(synth)
+        outcome = "disconnected"
         try:
-            async for piece in stream:
-                data = encoder.encode(piece)
-                if data:
-                    yield data
+            with anyio.fail_after(state.settings.request_timeout_s):
+                async for piece in stream:
+                    stats.samples += len(piece)
+                    data = encoder.encode(piece)
+                    if data:
+                        if stats.first_audio is None:
+                            stats.first_audio = time.monotonic()
+                        yield data
             tail = encoder.flush()
             if tail:
                 yield tail
+            outcome = "ok"
+        except TimeoutError:
+            outcome = "timeout"
+            log.warning("speech request exceeded its deadline")
         except CsmServeError as exc:  # headers are sent: end the stream and say why in the log
+            outcome = "error"
             log.warning("speech request failed mid-stream: %s", exc.message)
         finally:
+            state.leave()
+            state.metrics.finished("openai", outcome, stats)
             await stream.aclose()
 
     if stream_format == "audio":

@@ -5,11 +5,14 @@ Validation is the WebSocket protocol's, so both paths accept and refuse the same
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from csmserve.audio.wav import pcm16_to_wav
-from csmserve.errors import CsmServeError, InvalidRequest, NotFound, NotReady
+
+from csmserve.errors import CsmServeError, DeadlineExceeded, InvalidRequest, NotFound, NotReady, Overloaded
+from csmserve.logs import request_id
 from csmserve.pipeline import AudioOutput, StreamStats, stream_audio, synthesis_request
 from csmserve.protocol import parse_generate, parse_json_object
 
@@ -36,17 +39,34 @@ async def generate(request: Request) -> Response:
         return JSONResponse({"error": error.to_dict()}, status_code=503, headers={"Retry-After": "5"})
     if parsed.framing is not None:
         raise InvalidRequest("framing is for WebSocket streams; POST /generate returns a WAV file")
+    request_id.set(parsed.request_id)
     stats = StreamStats(engine.sample_rate)
     pcm = bytearray()
     # 16-bit PCM at the requested rate; a G.711 format is applied by the WAV writer.
     as_pcm = {"chunk_ms": 1000, "format": "pcm_s16le"}
     output = AudioOutput(parsed.model_copy(update=as_pcm), engine.sample_rate, stats)
     try:
+        state.enter()
+    except Overloaded as exc:
+        state.metrics.finished("rest", "rejected")
+        return JSONResponse({"error": exc.to_dict()}, status_code=429, headers={"Retry-After": "1"})
+    try:
         synth = synthesis_request(parsed, state.settings, state.voices)
-        async for chunk in stream_audio(engine, synth, output):
-            pcm += chunk
+        with anyio.fail_after(state.settings.request_timeout_s):
+            async for chunk in stream_audio(engine, synth, output):
+                pcm += chunk
+    except TimeoutError:
+        state.metrics.finished("rest", "timeout", stats)
+        error = DeadlineExceeded(f"the request did not finish within {state.settings.request_timeout_s:g} s")
+        return JSONResponse({"error": error.to_dict()}, status_code=error.http_status)
     except CsmServeError as exc:
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+        outcome = "rejected" if isinstance(exc, Overloaded) else "error"
+        state.metrics.finished("rest", outcome, stats)
+        headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else None
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
+    finally:
+        state.leave()
+    state.metrics.finished("rest", "ok", stats)
     wav = pcm16_to_wav(bytes(pcm), parsed.sample_rate, parsed.format)
     if _wants_wav(request):
         return Response(wav, media_type="audio/wav")

@@ -3,6 +3,9 @@
 The receive loop never waits on the model: it validates each frame, answers errors at once, queues
 requests, streamed text and cancels. The send loop streams one job at a time. A cancel or a
 disconnect cancels the streaming task, which cancels generation in the worker before its next frame.
+
+Admission (auth, Origin, capacity, drain) happens here too: refused requests get an error frame and
+the close code that says why (1008 policy, 1013 try again later).
 """
 
 from __future__ import annotations
@@ -13,59 +16,116 @@ import json
 import logging
 import time
 
+import anyio
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from csmserve.engine import Continuation
-from csmserve.errors import CsmServeError, GenerationFailed, NotReady
+from csmserve.errors import CsmServeError, DeadlineExceeded, GenerationFailed, NotReady, Overloaded
+from csmserve.logs import request_id as current_request_id
 from csmserve.pipeline import AudioOutput, StreamStats, stream_audio, synthesis_request
-from csmserve.protocol import done_event
+from csmserve.protocol import done_event, error_event
+from csmserve.server.auth import presented_key
 from csmserve.session import Job, Session, failure_event
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
+POLICY_VIOLATION, TRY_AGAIN_LATER, NORMAL = 1008, 1013, 1000
+
+
+class CloseConnection(Exception):
+    """End the connection with ``code`` after what was already sent."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
 
 class Connection:
-    def __init__(self, websocket: WebSocket, state):
+    def __init__(self, websocket: WebSocket, state, authenticated: bool):
         self.ws = websocket
         self.state = state
+        self.settings = state.settings
         self.session = Session(state.limits, state.settings.max_pending_per_connection)
         self.wake = asyncio.Event()
         self.streaming: asyncio.Task | None = None
         self.send_lock = asyncio.Lock()
+        self.authenticated = authenticated
 
     async def send_json(self, event: dict) -> None:
-        async with self.send_lock:
-            await self.ws.send_text(json.dumps(event))
+        await self.send(json.dumps(event))
 
     async def send(self, item: bytes | str) -> None:
+        """Send one frame; a client that has not read for ``max_lag_s`` is closed (its stream cancelled)."""
         async with self.send_lock:
-            if isinstance(item, bytes):
-                await self.ws.send_bytes(item)
-            else:
-                await self.ws.send_text(item)
+            try:
+                with anyio.fail_after(self.settings.max_lag_s):
+                    if isinstance(item, bytes):
+                        await self.ws.send_bytes(item)
+                    else:
+                        await self.ws.send_text(item)
+            except TimeoutError:
+                self.state.metrics.slow_clients.inc()
+                raise CloseConnection(POLICY_VIOLATION, "client reads too slowly") from None
+
+    # -- receiving ------------------------------------------------------------------------------
+    async def receive(self) -> dict:
+        busy = self.session.current is not None or self.session.pending
+        if busy:
+            return await self.ws.receive()
+        try:
+            with anyio.fail_after(self.settings.idle_timeout_s):
+                return await self.ws.receive()
+        except TimeoutError:
+            raise CloseConnection(NORMAL, "idle timeout") from None
+
+    async def authenticate(self, raw) -> bool:
+        """The first message of a connection without a header/query key must carry ``token``."""
+        token = None
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            token = json.loads(raw).get("token")
+        if self.state.keys.valid(token if isinstance(token, str) else None):
+            self.authenticated = True
+            return True
+        await self.send_json(
+            error_event("unauthorized", "an API key is required: Authorization: Bearer, X-API-Key, ?token= or a token field")
+        )
+        raise CloseConnection(POLICY_VIOLATION, "unauthorized")
 
     async def receive_loop(self) -> None:
-        max_bytes = self.state.settings.max_message_bytes
+        max_bytes = self.settings.max_message_bytes
         while True:
-            message = await self.ws.receive()
+            message = await self.receive()
             if message["type"] == "websocket.disconnect":
+                if self.session.current is not None:
+                    self.state.metrics.disconnects.inc()
                 return
             raw = message.get("text")
             if raw is None:
                 raw = message.get("bytes") or b""
             if len(raw) > max_bytes:
-                from csmserve.protocol import error_event
-
                 await self.send_json(error_event("message_too_large", f"messages are limited to {max_bytes} bytes"))
                 continue
+            if not self.authenticated:
+                await self.authenticate(raw)
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    if set(json.loads(raw)) <= {"token", "type"} and json.loads(raw).get("type") in (None, "auth"):
+                        continue  # an auth-only message
+            if self.state.draining:
+                await self.send_json(error_event("overloaded", "the server is shutting down; reconnect to another instance"))
+                raise CloseConnection(TRY_AGAIN_LATER, "draining")
             outcome = self.session.handle(raw, time.monotonic())
             for event in outcome.events:
+                if event.get("cancelled"):
+                    self.state.metrics.cancellations.inc()
                 await self.send_json(event)
             if outcome.cancel_current and self.streaming is not None:
+                if self.session.current is not None and self.session.current.stream is None:
+                    self.state.metrics.cancellations.inc()
                 self.streaming.cancel()
             self.wake.set()
 
+    # -- sending --------------------------------------------------------------------------------
     async def send_loop(self) -> None:
         while True:
             job = self.session.next_job()
@@ -84,26 +144,41 @@ class Connection:
                 self.session.finish()
             if task.cancelled():
                 if job.stream is None:  # a text stream's cancel was already answered by the session
+                    self.state.metrics.finished("ws", "cancelled")
                     await self.send_json(done_event(job.request_id, cancelled=True))
             elif task.exception() is not None:
                 raise task.exception()
 
     async def run(self, job: Job) -> None:
         request = job.request
-        engine = self.state.engine
-        stream = job.stream
-        try:
-            if stream is not None and stream.output is None:
-                stream.stats = StreamStats(engine.sample_rate, started=stream.started_at)
-                stream.output = AudioOutput(request, engine.sample_rate, stream.stats)
-                stream.continuation = Continuation()
-            if job.final:
-                for item in stream.output.finish():
-                    await self.send(item)
-                await self.send_json(
-                    done_event(request.request_id, context_id=stream.context_id, **stream.stats.as_event_fields())
-                )
+        current_request_id.set(request.request_id)
+        if job.final:
+            stream = job.stream
+            if stream.output is None:  # nothing was spoken on this stream
+                await self.send_json(done_event(request.request_id, context_id=stream.context_id, audio_ms=0))
                 return
+            for item in stream.output.finish():
+                await self.send(item)
+            self.state.metrics.finished("ws", "ok", stream.stats)
+            await self.send_json(
+                done_event(request.request_id, context_id=stream.context_id, **stream.stats.as_event_fields())
+            )
+            return
+        try:
+            self.state.enter()
+        except Overloaded as exc:
+            self.state.metrics.finished("ws", "rejected")
+            await self.send_json(failure_event(exc, request.request_id))
+            raise CloseConnection(TRY_AGAIN_LATER, "overloaded") from None
+        try:
+            await self.stream(job)
+        finally:
+            self.state.leave()
+
+    async def stream(self, job: Job) -> None:
+        request, engine, stream = job.request, self.state.engine, job.stream
+        stats = None
+        try:
             if not engine.info.ready:
                 raise NotReady("the model is still loading; retry when /health says healthy")
             if stream is None:
@@ -111,21 +186,39 @@ class Connection:
                 output = AudioOutput(request, engine.sample_rate, stats)
                 continuation = None
             else:
-                stats, output, continuation = stream.stats, stream.output, stream.continuation
-            synth = synthesis_request(request, self.state.settings, self.state.voices, continuation)
-            async for item in stream_audio(engine, synth, output, finish=stream is None):
-                await self.send(item)
+                if stream.output is None:
+                    stream.stats = StreamStats(engine.sample_rate, started=stream.started_at)
+                    stream.output = AudioOutput(request, engine.sample_rate, stream.stats)
+                    stream.continuation = Continuation()
+                output, continuation = stream.output, stream.continuation
+            synth = synthesis_request(request, self.settings, self.state.voices, continuation)
+            try:
+                with anyio.fail_after(self.settings.request_timeout_s):
+                    async for item in stream_audio(engine, synth, output, finish=stream is None):
+                        await self.send(item)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the request did not finish within {self.settings.request_timeout_s:g} s and was stopped"
+                ) from None
+        except Overloaded as exc:
+            self.state.metrics.finished("ws", "rejected")
+            await self.send_json(failure_event(exc, request.request_id))
+            raise CloseConnection(TRY_AGAIN_LATER, "overloaded") from None
         except CsmServeError as exc:
-            log.warning("request %s failed: %s", request.request_id, exc.message)
+            log.warning("request failed: %s", exc.message)
+            outcome = "timeout" if isinstance(exc, DeadlineExceeded) else "error"
+            self.state.metrics.finished("ws", outcome, stats)
             await self.send_json(failure_event(exc, request.request_id))
             return
-        except (WebSocketDisconnect, asyncio.CancelledError):
+        except (WebSocketDisconnect, asyncio.CancelledError, CloseConnection):
             raise
         except Exception as exc:  # noqa: BLE001 - one request's failure must not end the connection
-            log.exception("request %s failed", request.request_id)
+            log.exception("request failed")
+            self.state.metrics.finished("ws", "error", stats)
             await self.send_json(failure_event(GenerationFailed(f"generation failed: {exc}"), request.request_id))
             return
         if stream is None:
+            self.state.metrics.finished("ws", "ok", stats)
             extra = {"ignored_fields": list(request.ignored_fields)} if request.ignored_fields else {}
             await self.send_json(
                 done_event(
@@ -138,17 +231,48 @@ class Connection:
             )
 
 
+async def admit(websocket: WebSocket, state) -> bool | None:
+    """Check Origin and a header/query key before accepting. None: refused (403 before accept);
+    True: authenticated; False: the first message must carry the token."""
+    allowed = state.settings.allowed_origins
+    origin = websocket.headers.get("origin")
+    if allowed and origin not in allowed:
+        log.warning("refused WebSocket from origin %r", origin)
+        await websocket.close(POLICY_VIOLATION)
+        return None
+    if not state.keys.enabled:
+        return True
+    key = presented_key(websocket)
+    if key is None:
+        return False
+    if not state.keys.valid(key):
+        await websocket.close(POLICY_VIOLATION)
+        return None
+    return True
+
+
 @router.websocket("/ws/generate")
 async def ws_generate(websocket: WebSocket) -> None:
+    state = websocket.app.state.csm
+    authenticated = await admit(websocket, state)
+    if authenticated is None:
+        return
     await websocket.accept()
-    connection = Connection(websocket, websocket.app.state.csm)
+    if state.draining:
+        await websocket.send_text(json.dumps(error_event("overloaded", "the server is shutting down")))
+        await websocket.close(TRY_AGAIN_LATER, "draining")
+        return
+    connection = Connection(websocket, state, authenticated)
     receiver = asyncio.create_task(connection.receive_loop())
     sender = asyncio.create_task(connection.send_loop())
+    close = None
     try:
         done, _ = await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             exc = task.exception()
-            if exc is not None and not isinstance(exc, WebSocketDisconnect):
+            if isinstance(exc, CloseConnection):
+                close = exc
+            elif exc is not None and not isinstance(exc, WebSocketDisconnect):
                 log.warning("connection ended: %r", exc)
     finally:
         for task in (receiver, sender, connection.streaming):
@@ -157,3 +281,6 @@ async def ws_generate(websocket: WebSocket) -> None:
         for task in (receiver, sender):
             with contextlib.suppress(BaseException):
                 await task
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await websocket.close(close.code, close.reason)

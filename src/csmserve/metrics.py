@@ -1,0 +1,45 @@
+"""Every Prometheus metric csmserve exports, in one place. One registry per app (tests run many)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+RTF_BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 30.0)
+OUTCOMES = ("ok", "error", "cancelled", "rejected", "disconnected", "timeout")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttfa = Histogram(
+            "csm_time_to_first_audio_seconds", "From request to its first audio chunk.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.rtf = Histogram(
+            "csm_real_time_factor", "Generation time / audio duration per request (<1 is faster than real time).",
+            buckets=RTF_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("csm_queue_depth", "Requests waiting for the model worker.", registry=r)
+        self.active_streams = Gauge("csm_active_streams", "Requests streaming now.", registry=r)
+        self.requests = Counter("csm_requests", "Requests by outcome.", ["endpoint", "outcome"], registry=r)
+        self.audio_seconds = Counter("csm_audio_seconds", "Seconds of audio produced.", registry=r)
+        self.disconnects = Counter("csm_client_disconnects", "Clients that went away mid-stream.", registry=r)
+        self.cancellations = Counter("csm_cancellations", "Requests cancelled by the client (barge-in).", registry=r)
+        self.slow_clients = Counter("csm_slow_clients", "Connections closed for reading too slowly.", registry=r)
+        for endpoint in ("ws", "rest", "openai"):
+            for outcome in OUTCOMES:
+                self.requests.labels(endpoint, outcome)
+
+    def finished(self, endpoint: str, outcome: str, stats=None) -> None:
+        """Record one request's end; ``stats`` is its :class:`~csmserve.pipeline.StreamStats`."""
+        self.requests.labels(endpoint, outcome).inc()
+        if stats is None:
+            return
+        audio_s = stats.samples / stats.sample_rate
+        self.audio_seconds.inc(audio_s)
+        if stats.first_audio is not None:
+            self.ttfa.observe(stats.first_audio - stats.started)
+        if outcome == "ok" and audio_s > 0:
+            fields = stats.as_event_fields()
+            self.rtf.observe(fields["rtf"])

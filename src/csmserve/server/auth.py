@@ -1,0 +1,46 @@
+"""API keys: ``Authorization: Bearer``, ``X-API-Key``, a ``token`` query parameter, or (WebSocket) a
+``token`` field in the first message. Keys are compared in constant time and never logged.
+
+Open without a key: ``/health`` and ``/ready`` (probes), the demo page and its assets (a person
+types the key into it), and ``/metrics`` unless ``protect_metrics``.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.requests import HTTPConnection
+
+PUBLIC_PATHS = {"/health", "/ready", "/", "/favicon.ico"}
+PUBLIC_PREFIXES = ("/static/",)
+
+
+class KeyChecker:
+    def __init__(self, keys):
+        self._keys = [k.get_secret_value().encode() for k in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def valid(self, candidate: str | None) -> bool:
+        if not candidate:
+            return False
+        given = candidate.encode()
+        # Compare against every key, always, so timing says nothing about which one matched.
+        results = [hmac.compare_digest(given, key) for key in self._keys]
+        return any(results)
+
+
+def presented_key(conn: HTTPConnection) -> str | None:
+    """The key a request carries in a header or the query string, if any."""
+    auth = conn.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return conn.headers.get("x-api-key") or conn.query_params.get("token")
+
+
+def is_public(path: str, protect_metrics: bool) -> bool:
+    if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+        return True
+    return path == "/metrics" and not protect_metrics
