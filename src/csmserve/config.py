@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto: bfloat16 on CUDA that supports it, else float16 on CUDA, float32 on CPU."
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile the per-token steps (CUDA graphs on a GPU). auto: on with CUDA, off on CPU.",
+    )
     engine: Literal["csm", "fake"] = Field(
         "csm", description="csm: the model. fake: a deterministic tone generator for tests and load tests."
     )

@@ -134,7 +134,9 @@ class CsmEngine:
         self.info.device, self.info.dtype = loaded.device, loaded.dtype
         self.info.offline_model = is_offline_model(loaded.model.config)
         self.sample_rate = int(loaded.model.config.codec_config.sampling_rate)
-        self._frames = FrameGenerator(loaded.model)
+        use_compile = self.settings.compile == "on" or (self.settings.compile == "auto" and loaded.device == "cuda")
+        self._frames = FrameGenerator(loaded.model, compile=use_compile)
+        self.info.extra["compiled"] = use_compile
         self._decoder = StreamingMimiDecoder(loaded.model.codec_model)
         self.frame_size = self._decoder.frame_size
         log.info("model loaded in %.1f s (%s, %s, %s)", time.monotonic() - started, self.info.model, loaded.device, loaded.dtype)

@@ -58,7 +58,10 @@ class FrameGenerator:
     allocated once. Not thread-safe: the model worker thread is its only user.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, compile: bool = False):
+        """``compile``: run the per-token steps through ``torch.compile`` with static shapes (on CUDA
+        with CUDA graphs, ``mode="reduce-overhead"``): one graph replay per step instead of dozens
+        of kernel launches. The first frames after start-up pay the compilation."""
         config = model.config
         self.model = model
         self.config = config
@@ -81,6 +84,39 @@ class FrameGenerator:
         self.audio_offsets = torch.arange(self.num_codebooks, device=self.device) * self.vocab_size
         self.backbone_sampling = Sampling.from_generation_config(model.generation_config)
         self.depth_sampling = Sampling.from_generation_config(model.depth_decoder.generation_config)
+        self.compiled = compile
+        self._depth_step = self._depth_step_eager
+        self._backbone_step = self._backbone_step_eager
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self._depth_step = torch.compile(self._depth_step_static, mode=mode, fullgraph=True, dynamic=False)
+            self._backbone_step = torch.compile(self._backbone_step_static, mode=mode, fullgraph=True, dynamic=False)
+        self._position = torch.zeros((), dtype=torch.long, device=self.device)
+
+    # -- one token of each transformer; eager (dynamic shapes) or static (compiled) ------------------
+    def _depth_step_eager(self, ids: torch.Tensor, p: int) -> torch.Tensor:
+        """Logits ``(1, vocab)`` for codebook p+1 from codebook p's ids ``(1,)``."""
+        x = self.depth_projector(self.depth_embed(ids + p * self.vocab_size)[None])
+        out = self.depth.forward(x, p + 1)[:, -1]
+        return out @ self.depth_heads[p]
+
+    def _depth_step_static(self, ids: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        x = self.depth_projector(self.depth_embed(ids + p * self.vocab_size)[None])
+        out = self.depth.step(x, p + 1)[:, -1]
+        return out @ self.depth_heads.index_select(0, p.view(1))[0]
+
+    def _backbone_step_eager(self, codes: torch.Tensor, position: int) -> torch.Tensor:
+        """The backbone's last hidden state ``(1, 1, H)`` after reading one frame of codes ``(1, N)``."""
+        return self.backbone.forward(self.embed_frames(codes), position)
+
+    def _backbone_step_static(self, codes: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self.backbone.step(self.embed_frames(codes), position)
+
+    def _index(self, value: int):
+        # Static steps take positions as device tensors (fresh each call: CUDA graphs own their inputs).
+        if not self.compiled:
+            return value
+        return torch.full((), value, dtype=torch.long, device=self.device)
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings ``(1, T, hidden)`` for text token ids ``(1, T)``."""
@@ -108,13 +144,13 @@ class FrameGenerator:
         codes = [c0]
         first = torch.cat([hidden, self.depth_embed(c0)[None]], dim=1)
         out = self.depth.forward(self.depth_projector(first), 0)[:, -1]
+        logits = out @ self.depth_heads[0]
         for p in range(1, self.num_codebooks):
-            ids = self._sample(out @ self.depth_heads[p - 1], sampling, generator)
+            ids = self._sample(logits, sampling, generator)
             codes.append(ids)
             if p == self.num_codebooks - 1:
                 break
-            x = self.depth_projector(self.depth_embed(ids + p * self.vocab_size)[None])
-            out = self.depth.forward(x, p + 1)[:, -1]
+            logits = self._depth_step(ids, self._index(p))
         return torch.cat(codes)
 
     @torch.inference_mode()
@@ -154,5 +190,7 @@ class FrameGenerator:
             yield codes
             if position >= self.max_positions:
                 return
-            hidden = self.backbone.forward(self.embed_frames(codes[None]), position)
+            hidden = self._backbone_step(codes[None].to(self.device), self._index(position))
+            if self.compiled:  # a CUDA graph reuses its output buffer on the next replay
+                hidden = hidden.clone()
             position += 1

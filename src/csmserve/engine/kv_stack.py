@@ -48,6 +48,7 @@ class KVCachedStack:
             cos, sin = rotary_emb(probe, positions)
         # (max_len, head_dim), in the model dtype, exactly as the HF rotary module computes them.
         self.cos, self.sin = cos[0].clone(), sin[0].clone()
+        self.positions = torch.arange(max_len, device=device)
 
     def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         length = hidden.shape[1]
@@ -85,6 +86,37 @@ class KVCachedStack:
                 enable_gqa=self.num_heads != self.num_kv_heads,
             )
             out = attn.o_proj(out.transpose(1, 2).reshape(1, length, -1))
+            hidden = residual + out
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.norm(hidden)
+
+    def step(self, hidden: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """One token ``(1, 1, hidden)`` at ``position`` (a 0-d long tensor), with static shapes only.
+
+        Same arithmetic as :meth:`forward` for one token, but the cache write is an ``index_copy_``
+        and attention spans the whole cache under a mask, so the graph never changes shape: this is
+        the form ``torch.compile`` (and CUDA graphs) can capture once and replay every step.
+        """
+        index = position.view(1)
+        cos = self.cos.index_select(0, index)[None, None]
+        sin = self.sin.index_select(0, index)[None, None]
+        mask = (self.positions <= position)[None, None, None, :]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(1, 1, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(1, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.keys[i].index_copy_(2, index, k)
+            self.values[i].index_copy_(2, index, v)
+            out = F.scaled_dot_product_attention(
+                q, self.keys[i], self.values[i], attn_mask=mask, scale=self.scaling,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )
+            out = attn.o_proj(out.transpose(1, 2).reshape(1, 1, -1))
             hidden = residual + out
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.norm(hidden)

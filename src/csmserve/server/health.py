@@ -32,6 +32,7 @@ async def health(request: Request) -> JSONResponse:
         "offline_model": info.offline_model,
         "voice": OFFLINE_VOICE if info.offline_model else "real",
         "sample_rate": state.engine.sample_rate,
+        **info.extra,
     }
     if state.load_error is not None:
         body["error"] = state.load_error.to_dict()
