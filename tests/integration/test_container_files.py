@@ -181,18 +181,19 @@ def run_healthcheck(base_url: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_healthcheck_passes_on_a_healthy_server_without_ready(fake_server):
-    """Against today's server (no /ready) the check falls back to /health and passes."""
+def test_healthcheck_passes_on_a_ready_server(fake_server):
+    """Against csmserve (which has /ready) the check passes once the model is ready."""
+    fake_server.wait_ready()
     assert run_healthcheck(fake_server.http).returncode == 0
 
 
 def test_healthcheck_fails_while_the_model_loads(settings_factory):
-    """While /health says loading (503) the check fails and says which URL answered what."""
+    """While the model loads (/ready 503) the check fails and says which URL answered what."""
     engine = FakeEngine(load_delay_s=3)
     with running_server(settings_factory(engine="fake"), engine) as server:
         result = run_healthcheck(server.http)
     assert result.returncode == 1
-    assert "/health answered 503" in result.stderr
+    assert "/ready answered 503" in result.stderr
 
 
 def test_healthcheck_fails_when_nothing_listens():

@@ -83,3 +83,14 @@ def test_json_logs_carry_the_request_id(tmp_path):
         lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     assert lines and all({"time", "level", "logger", "message", "request_id"} <= set(line) for line in lines)
     assert any(line["request_id"] == "req-77" and "unknown voice" in line["message"] for line in lines)
+
+
+def test_websocket_compression_is_not_negotiated(tmp_path):
+    """Audio does not compress: the server declines permessage-deflate even when the client offers it."""
+    with server_process(tmp_path, "--engine", "fake") as server:
+
+        async def handshake():
+            async with websockets.connect(server.ws, compression="deflate") as ws:
+                return ws.response.headers.get("Sec-WebSocket-Extensions")
+
+        assert asyncio.run(handshake()) is None
