@@ -164,10 +164,14 @@ def parse_json_object(raw: str | bytes | None) -> dict:
         )
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidRequest(f"message is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an int of over 4300 digits
+        raise InvalidRequest(f"message is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise InvalidRequest('message must be a JSON object such as {"text": "Hello", "speaker_id": 0}')
+    try:  # "\ud800" escapes decode to lone surrogates, which no tokenizer or UTF-8 writer accepts
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest("message contains invalid Unicode (a lone surrogate escape such as \\ud800)") from None
     return data
 
 
@@ -232,11 +236,12 @@ def parse_options(data: dict, limits: Limits, text: str) -> GenerateRequest:
     seed = _int_field(data, "seed", 0, 2**63 - 1)
     temperature = data.get("temperature")
     if temperature is not None:
+        # Compare before converting: an integer too large for a float must not raise OverflowError.
         if (
             isinstance(temperature, bool)
             or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
             or not 0 < temperature <= 5
+            or not math.isfinite(temperature)
         ):
             raise InvalidRequest("temperature must be a number greater than 0 and at most 5")
         temperature = float(temperature)
@@ -306,7 +311,7 @@ def request_id_of(raw: str | bytes | None) -> str | None:
     """Best-effort request id of a message that failed validation, to echo it in the error."""
     try:
         data = json.loads(raw) if isinstance(raw, str) else None
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         return None
     if isinstance(data, dict):
         rid = data.get("request_id")

@@ -47,7 +47,7 @@ def _voice_fields(voice, state) -> dict:
         voice = voice.get("id")
     if not isinstance(voice, str) or not voice:
         raise InvalidRequest("voice must be a speaker id (\"0\"-\"9\"), a registered voice, or an OpenAI voice name")
-    if voice.isdigit():
+    if voice.isascii() and voice.isdigit() and len(voice) <= 4:
         return {"speaker_id": int(voice)}
     if state.voices.get(voice) is not None:
         return {"voice": voice}
