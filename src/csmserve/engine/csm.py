@@ -18,7 +18,7 @@ import numpy as np
 
 from csmserve.config import DEFAULT_MODEL, Settings
 from csmserve.engine import EngineInfo, SynthesisRequest
-from csmserve.engine.worker import ModelWorker
+from csmserve.engine.worker import ModelWorker, synthesize_on
 
 log = logging.getLogger(__name__)
 
@@ -244,14 +244,5 @@ class CsmEngine:
                 if carry is not None:
                     carry.previous = last
 
-    async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
-        if not self.info.ready:
-            from csmserve.errors import NotReady
-
-            raise NotReady("the model is still loading; retry when /health says healthy")
-        try:
-            async for piece in self._worker.stream(lambda cancelled: self._generate(request, cancelled)):
-                yield piece
-        finally:
-            if self._worker.fatal:  # a CUDA error: stop reporting ready
-                self.info.failed = self._worker.fatal
+    def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
+        return synthesize_on(self._worker, self.info, lambda cancelled: self._generate(request, cancelled))

@@ -14,8 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import numpy as np
 
 from csmserve.engine import EngineInfo, SynthesisRequest
-from csmserve.engine.worker import ModelWorker
-from csmserve.errors import NotReady
+from csmserve.engine.worker import ModelWorker, synthesize_on
 
 FRAME_MS = 80
 
@@ -96,12 +95,5 @@ class FakeEngine:
         level = int(1000 * float(np.abs(audio).mean())) % 2048
         return np.full((frames, 32), level, dtype=np.int16)
 
-    async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
-        if not self.info.ready:
-            raise NotReady("the model is still loading; retry when /health says healthy")
-        try:
-            async for piece in self._worker.stream(lambda cancelled: self._generate(request, cancelled)):
-                yield piece
-        finally:
-            if self._worker.fatal:
-                self.info.failed = self._worker.fatal
+    def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
+        return synthesize_on(self._worker, self.info, lambda cancelled: self._generate(request, cancelled))

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from csmserve.errors import CsmServeError, GenerationFailed, ModelFailed, OutOfMemory, Overloaded
+from csmserve.errors import CsmServeError, GenerationFailed, ModelFailed, NotReady, OutOfMemory, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class ModelWorker:
         self._started = False
         #: Set when the device failed for good (a CUDA error): the engine reports it as not ready.
         self.fatal: str | None = None
+        self._running = False
 
     def start(self) -> None:
         if not self._started:
@@ -64,6 +65,11 @@ class ModelWorker:
     @property
     def queued(self) -> int:
         return self._jobs.qsize()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job is running now."""
+        return self._running
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn()`` on the worker thread (after queued jobs) and return its result."""
@@ -102,14 +108,13 @@ class ModelWorker:
                 return
             if job.cancelled.is_set():
                 continue
+            self._running = True
             try:
                 items = job.make_items(job.cancelled)
                 try:
-                    for item in items:
+                    for item in items:  # the cancel flag is checked between two items (frames)
                         job.produced += 1
                         if job.cancelled.is_set() or not self._deliver(job, item):
-                            break
-                        if job.cancelled.is_set():
                             break
                 finally:
                     close = getattr(items, "close", None)
@@ -120,6 +125,8 @@ class ModelWorker:
                 error = self._classify(exc)
                 log.error("job failed: %s", error.message, exc_info=not isinstance(exc, CsmServeError))
                 self._deliver(job, _Failure(error))
+            finally:
+                self._running = False
 
     def _classify(self, exc: BaseException) -> CsmServeError:
         """Map a job's exception to the error its client gets; free memory after an OOM."""
@@ -153,3 +160,16 @@ class ModelWorker:
                     return False
             except (concurrent.futures.CancelledError, RuntimeError):
                 return False
+
+
+async def synthesize_on(worker: ModelWorker, info, make_items: Callable[[threading.Event], Iterator[Any]]) -> AsyncIterator[Any]:
+    """An engine's ``synthesize``: refuse before the model is ready, stream the job's items, and mark
+    the engine failed (``info.failed``) once the device has failed for good."""
+    if not info.ready:
+        raise NotReady("the model is still loading; retry when /health says healthy")
+    try:
+        async for item in worker.stream(make_items):
+            yield item
+    finally:
+        if worker.fatal:
+            info.failed = worker.fatal
