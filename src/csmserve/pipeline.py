@@ -7,10 +7,12 @@ the WebSocket and REST adapters, so both produce the same bytes for the same req
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
+import anyio
 import numpy as np
 
 from csmserve.audio.formats import make_encoder
@@ -18,7 +20,7 @@ from csmserve.audio.pcm import Chunker
 from csmserve.audio.telephony import TelnyxFramer, TwilioFramer
 from csmserve.config import Settings
 from csmserve.engine import ContextTurn, Engine, SynthesisRequest
-from csmserve.errors import InvalidRequest
+from csmserve.errors import DeadlineExceeded, InvalidRequest
 from csmserve.protocol import GenerateRequest
 
 #: What goes out: bytes are binary frames, str are JSON text frames (telephony media messages).
@@ -96,12 +98,10 @@ class AudioOutput:
     20 ms frames, then a mark. Not thread-safe; one per stream.
     """
 
-    def __init__(self, request: GenerateRequest, source_rate: int, stats: StreamStats):
+    def __init__(self, request: GenerateRequest, stats: StreamStats):
         self.request = request
         self.stats = stats
-        self.source_rate = source_rate
         self.encoder = make_encoder(request.format, request.sample_rate)
-        self.sample_rate = request.sample_rate
         width = 2 if request.format == "pcm_s16le" else 1
         self.framer = None
         self.chunker = None
@@ -157,3 +157,13 @@ async def stream_audio(engine: Engine, request: SynthesisRequest, output: AudioO
                 yield item
     finally:
         await stream.aclose()
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Cancel the enclosed streaming after ``seconds`` and raise :class:`DeadlineExceeded` instead."""
+    try:
+        with anyio.fail_after(seconds):
+            yield
+    except TimeoutError:
+        raise DeadlineExceeded(f"the request did not finish within {seconds:g} s and was stopped") from None

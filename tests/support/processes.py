@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from support.servers import LoopbackUrls
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -21,18 +23,10 @@ def free_port() -> int:
 
 
 @dataclass
-class ServerProcess:
+class ServerProcess(LoopbackUrls):
     process: subprocess.Popen
     port: int
     log_path: Path
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/generate"
 
     def log(self) -> str:
         return self.log_path.read_text()

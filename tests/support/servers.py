@@ -12,10 +12,9 @@ import httpx
 import uvicorn
 
 
-@dataclass
-class RunningServer:
-    app: object
-    engine: object
+class LoopbackUrls:
+    """``http`` and ``ws`` URLs of a server listening on ``127.0.0.1:self.port``."""
+
     port: int
 
     @property
@@ -25,6 +24,13 @@ class RunningServer:
     @property
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws/generate"
+
+
+@dataclass
+class RunningServer(LoopbackUrls):
+    app: object
+    engine: object
+    port: int
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
         deadline = time.monotonic() + timeout

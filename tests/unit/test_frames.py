@@ -33,25 +33,20 @@ def tiny(tiny_model_dir):
     return processor, model
 
 
-def test_greedy_codes_equal_generate_for_120_frames(tiny):
-    """Offline checkpoint, float32: 120 frames identical to model.generate(do_sample=False)."""
+@pytest.mark.parametrize(
+    "prompt, frames",
+    [("[0]Hello world, this is a parity check.", 120), ("[3]Short.", 40)],
+    ids=["120-frames", "another-speaker-and-text"],
+)
+def test_greedy_codes_equal_generate(tiny, prompt, frames):
+    """Offline checkpoint, float32: greedy frames identical to model.generate(do_sample=False), whatever the prompt."""
     processor, model = tiny
-    inputs = processor("[0]Hello world, this is a parity check.", add_special_tokens=True)
-    reference = reference_codes(copy.deepcopy(model), inputs, 120)
+    inputs = processor(prompt, add_special_tokens=True)
+    reference = reference_codes(copy.deepcopy(model), inputs, frames)
     generator = FrameGenerator(model)
-    ours = torch.stack(list(generator.frames(generator.embed_text(inputs["input_ids"]), 120, greedy=True)))
-    assert ours.shape == (120, 32)
-    assert torch.equal(ours, reference[:120])
-
-
-def test_greedy_codes_equal_generate_for_another_speaker_and_text(tiny):
-    """Parity does not depend on the prompt."""
-    processor, model = tiny
-    inputs = processor("[3]Short.", add_special_tokens=True)
-    reference = reference_codes(copy.deepcopy(model), inputs, 40)
-    generator = FrameGenerator(model)
-    ours = torch.stack(list(generator.frames(generator.embed_text(inputs["input_ids"]), 40, greedy=True)))
-    assert torch.equal(ours, reference[:40])
+    ours = torch.stack(list(generator.frames(generator.embed_text(inputs["input_ids"]), frames, greedy=True)))
+    assert ours.shape == (frames, 32)
+    assert torch.equal(ours, reference[:frames])
 
 
 def test_all_zero_frame_ends_generation(tiny):

@@ -80,7 +80,7 @@ def test_context_is_trimmed_oldest_first_to_fit_the_window(tiny):
     processor, model = tiny
     builder = PromptBuilder(processor.tokenizer, FrameGenerator(model))
     turns = [Turn(i % 2, f"Turn number {i}.", np.zeros((50, 32), dtype=np.int16)) for i in range(6)]
-    need = turns[0].positions(builder.token_ids(0, turns[0].text).shape[1])
+    need = builder.positions(turns[0])
     kept = builder.fit(turns, target_positions=20, reserve=100, window=20 + 100 + 2 * need)
     assert [t.text for t in kept] == ["Turn number 4.", "Turn number 5."]
     assert builder.fit(turns, 20, 100, 2048) == turns

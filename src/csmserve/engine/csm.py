@@ -218,7 +218,7 @@ class CsmEngine:
             budget = min(remaining, max(1, share))
             target = builder.token_ids(request.speaker_id, piece).shape[1]
             kept_voice = builder.fit(voice, target, budget, window)
-            used = sum(t.positions(builder.token_ids(t.speaker_id, t.text).shape[1]) for t in kept_voice)
+            used = sum(builder.positions(t) for t in kept_voice)
             kept = kept_voice + builder.fit(context, target + used, budget, window)
             embeds = builder.embeddings(kept, request.speaker_id, piece)
             seed = None if request.seed is None else request.seed + index

@@ -27,8 +27,12 @@ class Turn:
     text: str
     codes: np.ndarray | None = None
 
+    @property
+    def has_audio(self) -> bool:
+        return self.codes is not None and len(self.codes) > 0
+
     def positions(self, text_tokens: int) -> int:
-        frames = 0 if self.codes is None else len(self.codes) + 1  # + the audio_eos frame
+        frames = len(self.codes) + 1 if self.has_audio else 0  # + the audio_eos frame
         return text_tokens + frames
 
 
@@ -36,20 +40,30 @@ class PromptBuilder:
     """Builds backbone input embeddings ``(1, T, hidden)`` for a target turn and its context."""
 
     def __init__(self, tokenizer, frames):
-        """``tokenizer``: the processor's tokenizer (adds BOS/EOS); ``frames``: a FrameGenerator."""
+        """``tokenizer``: the processor's tokenizer (adds BOS/EOS); ``frames``: a FrameGenerator.
+        One builder per request: it remembers the token ids of the turns it has seen."""
         self.tokenizer = tokenizer
         self.frames = frames
+        self._ids: dict[tuple[int, str], torch.Tensor] = {}
 
     def token_ids(self, speaker_id: int, text: str) -> torch.Tensor:
-        ids = self.tokenizer(f"[{speaker_id}]{text}", add_special_tokens=True, return_tensors="pt")["input_ids"]
-        return ids
+        key = (speaker_id, text)
+        if key not in self._ids:  # fitting and embedding ask for the same turns again
+            self._ids[key] = self.tokenizer(f"[{speaker_id}]{text}", add_special_tokens=True, return_tensors="pt")[
+                "input_ids"
+            ]
+        return self._ids[key]
+
+    def positions(self, turn: Turn) -> int:
+        """Backbone positions ``turn`` takes in a prompt: its text tokens, then its audio frames."""
+        return turn.positions(self.token_ids(turn.speaker_id, turn.text).shape[1])
 
     def fit(self, context: Sequence[Turn], target_positions: int, reserve: int, window: int) -> list[Turn]:
         """The newest turns of ``context`` whose positions fit ``window - target_positions - reserve``."""
         budget = window - target_positions - reserve
         kept: list[Turn] = []
         for turn in reversed(context):
-            need = turn.positions(self.token_ids(turn.speaker_id, turn.text).shape[1])
+            need = self.positions(turn)
             if need > budget:
                 break
             kept.append(turn)
@@ -61,7 +75,7 @@ class PromptBuilder:
         eos_frame = torch.full((1, self.frames.num_codebooks), self.frames.eos_id, dtype=torch.long)
         for turn in context:
             parts.append(self.frames.embed_text(self.token_ids(turn.speaker_id, turn.text)))
-            if turn.codes is not None and len(turn.codes):
+            if turn.has_audio:
                 codes = torch.as_tensor(np.asarray(turn.codes), dtype=torch.long)
                 parts.append(self.frames.embed_frames(torch.cat([codes, eos_frame])))
         parts.append(self.frames.embed_text(self.token_ids(speaker_id, text)))

@@ -46,11 +46,13 @@ class ServerState:
     draining: bool = False
     active: int = 0
 
-    def enter(self) -> None:
-        """Admit one streaming request, or raise :class:`Overloaded` (WebSocket 1013, HTTP 429)."""
-        if self.draining:
-            raise Overloaded("the server is shutting down; reconnect to another instance")
-        if self.active >= self.settings.max_streams:
+    def enter(self, endpoint: str) -> None:
+        """Admit one streaming request, or count it as rejected and raise :class:`Overloaded`
+        (WebSocket 1013, HTTP 429)."""
+        if self.draining or self.active >= self.settings.max_streams:
+            self.metrics.finished(endpoint, "rejected")
+            if self.draining:
+                raise Overloaded("the server is shutting down; reconnect to another instance")
             raise Overloaded(f"{self.settings.max_streams} requests are streaming already; retry shortly")
         self.active += 1
         self.metrics.active_streams.set(self.active)

@@ -14,13 +14,12 @@ import json
 import logging
 import time
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from csmserve.audio.containers import RESPONSE_FORMATS, make_container_encoder
-from csmserve.errors import CsmServeError, InvalidRequest, Overloaded
-from csmserve.pipeline import StreamStats, synthesis_request
+from csmserve.errors import CsmServeError, DeadlineExceeded, InvalidRequest, Overloaded
+from csmserve.pipeline import StreamStats, deadline, synthesis_request
 from csmserve.protocol import parse_json_object, parse_options
 
 log = logging.getLogger(__name__)
@@ -105,9 +104,8 @@ async def speech(request: Request):
         return openai_error(503, "the model is still loading; retry when /health says healthy")
     encoder = make_container_encoder(response_format)
     try:
-        state.enter()
+        state.enter("openai")
     except Overloaded as exc:
-        state.metrics.finished("openai", "rejected")
         return JSONResponse(
             {"error": {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}},
             status_code=429, headers={"Retry-After": "1"},
@@ -118,7 +116,7 @@ async def speech(request: Request):
         stream = engine.synthesize(synth)
         outcome = "disconnected"
         try:
-            with anyio.fail_after(state.settings.request_timeout_s):
+            with deadline(state.settings.request_timeout_s):
                 async for piece in stream:
                     stats.samples += len(piece)
                     data = encoder.encode(piece)
@@ -130,9 +128,9 @@ async def speech(request: Request):
             if tail:
                 yield tail
             outcome = "ok"
-        except TimeoutError:
+        except DeadlineExceeded as exc:
             outcome = "timeout"
-            log.warning("speech request exceeded its deadline")
+            log.warning("speech request stopped: %s", exc.message)
         except CsmServeError as exc:  # headers are sent: end the stream and say why in the log
             outcome = "error"
             log.warning("speech request failed mid-stream: %s", exc.message)

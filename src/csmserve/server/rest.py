@@ -5,7 +5,6 @@ Validation is the WebSocket protocol's, so both paths accept and refuse the same
 
 from __future__ import annotations
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -13,7 +12,7 @@ from csmserve.audio.wav import pcm16_to_wav
 
 from csmserve.errors import CsmServeError, DeadlineExceeded, InvalidRequest, NotFound, NotReady, Overloaded
 from csmserve.logs import request_id
-from csmserve.pipeline import AudioOutput, StreamStats, stream_audio, synthesis_request
+from csmserve.pipeline import AudioOutput, StreamStats, deadline, stream_audio, synthesis_request
 from csmserve.protocol import parse_generate, parse_json_object
 
 router = APIRouter()
@@ -44,24 +43,19 @@ async def generate(request: Request) -> Response:
     pcm = bytearray()
     # 16-bit PCM at the requested rate; a G.711 format is applied by the WAV writer.
     as_pcm = {"chunk_ms": 1000, "format": "pcm_s16le"}
-    output = AudioOutput(parsed.model_copy(update=as_pcm), engine.sample_rate, stats)
+    output = AudioOutput(parsed.model_copy(update=as_pcm), stats)
     try:
-        state.enter()
+        state.enter("rest")
     except Overloaded as exc:
-        state.metrics.finished("rest", "rejected")
         return JSONResponse({"error": exc.to_dict()}, status_code=429, headers={"Retry-After": "1"})
     try:
         synth = synthesis_request(parsed, state.settings, state.voices)
-        with anyio.fail_after(state.settings.request_timeout_s):
+        with deadline(state.settings.request_timeout_s):
             async for chunk in stream_audio(engine, synth, output):
                 pcm += chunk
-    except TimeoutError:
-        state.metrics.finished("rest", "timeout", stats)
-        error = DeadlineExceeded(f"the request did not finish within {state.settings.request_timeout_s:g} s")
-        return JSONResponse({"error": error.to_dict()}, status_code=error.http_status)
     except CsmServeError as exc:
-        outcome = "rejected" if isinstance(exc, Overloaded) else "error"
-        state.metrics.finished("rest", outcome, stats)
+        outcomes = {Overloaded: "rejected", DeadlineExceeded: "timeout"}
+        state.metrics.finished("rest", outcomes.get(type(exc), "error"), stats)
         headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else None
         return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
     finally:

@@ -22,7 +22,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from csmserve.engine import Continuation
 from csmserve.errors import CsmServeError, DeadlineExceeded, GenerationFailed, NotReady, Overloaded
 from csmserve.logs import request_id as current_request_id
-from csmserve.pipeline import AudioOutput, StreamStats, stream_audio, synthesis_request
+from csmserve.pipeline import AudioOutput, StreamStats, deadline, stream_audio, synthesis_request
 from csmserve.protocol import done_event, error_event
 from csmserve.server.auth import presented_key
 from csmserve.session import Job, Session, failure_event
@@ -80,13 +80,17 @@ class Connection:
             raise CloseConnection(NORMAL, "idle timeout") from None
 
     async def authenticate(self, raw) -> bool:
-        """The first message of a connection without a header/query key must carry ``token``."""
-        token = None
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            token = json.loads(raw).get("token")
+        """The first message of a connection without a header/query key must carry ``token``.
+
+        Returns whether the message was only that (``{"token": ...}``, optionally ``"type": "auth"``),
+        so that it is not also handled as a request."""
+        data = None
+        with contextlib.suppress(ValueError, TypeError, RecursionError):
+            data = json.loads(raw)
+        token = data.get("token") if isinstance(data, dict) else None
         if self.state.keys.valid(token if isinstance(token, str) else None):
             self.authenticated = True
-            return True
+            return set(data) <= {"token", "type"} and data.get("type") in (None, "auth")
         await self.send_json(
             error_event("unauthorized", "an API key is required: Authorization: Bearer, X-API-Key, ?token= or a token field")
         )
@@ -106,11 +110,8 @@ class Connection:
             if len(raw) > max_bytes:
                 await self.send_json(error_event("message_too_large", f"messages are limited to {max_bytes} bytes"))
                 continue
-            if not self.authenticated:
-                await self.authenticate(raw)
-                with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    if set(json.loads(raw)) <= {"token", "type"} and json.loads(raw).get("type") in (None, "auth"):
-                        continue  # an auth-only message
+            if not self.authenticated and await self.authenticate(raw):
+                continue  # an auth-only message
             if self.state.draining:
                 await self.send_json(error_event("overloaded", "the server is shutting down; reconnect to another instance"))
                 raise CloseConnection(TRY_AGAIN_LATER, "draining")
@@ -165,9 +166,8 @@ class Connection:
             )
             return
         try:
-            self.state.enter()
+            self.state.enter("ws")
         except Overloaded as exc:
-            self.state.metrics.finished("ws", "rejected")
             await self.send_json(failure_event(exc, request.request_id))
             raise CloseConnection(TRY_AGAIN_LATER, "overloaded") from None
         try:
@@ -183,23 +183,18 @@ class Connection:
                 raise NotReady("the model is still loading; retry when /health says healthy")
             if stream is None:
                 stats = StreamStats(engine.sample_rate, started=job.received_at)
-                output = AudioOutput(request, engine.sample_rate, stats)
+                output = AudioOutput(request, stats)
                 continuation = None
             else:
                 if stream.output is None:
                     stream.stats = StreamStats(engine.sample_rate, started=stream.started_at)
-                    stream.output = AudioOutput(request, engine.sample_rate, stream.stats)
+                    stream.output = AudioOutput(request, stream.stats)
                     stream.continuation = Continuation()
                 output, continuation = stream.output, stream.continuation
             synth = synthesis_request(request, self.settings, self.state.voices, continuation)
-            try:
-                with anyio.fail_after(self.settings.request_timeout_s):
-                    async for item in stream_audio(engine, synth, output, finish=stream is None):
-                        await self.send(item)
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"the request did not finish within {self.settings.request_timeout_s:g} s and was stopped"
-                ) from None
+            with deadline(self.settings.request_timeout_s):
+                async for item in stream_audio(engine, synth, output, finish=stream is None):
+                    await self.send(item)
         except Overloaded as exc:
             self.state.metrics.finished("ws", "rejected")
             await self.send_json(failure_event(exc, request.request_id))
