@@ -189,3 +189,20 @@ def test_broken_checkpoint_is_not_a_csm_checkpoint(tmp_path, tiny_model_dir):
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(NotACsmCheckpoint):
         load_csm(str(broken), "cpu", "float32")
+
+
+def test_half_precision_on_cpu_keeps_the_codec_in_float32(tiny_model_dir):
+    """bfloat16 on a CPU: the transformers load in bfloat16, the codec stays float32 and still decodes."""
+    from csmserve.engine.mimi_stream import StreamingMimiDecoder
+
+    loaded = load_csm(str(tiny_model_dir), "cpu", "bfloat16")
+    model = loaded.model
+    assert loaded.dtype == "bfloat16"
+    assert model.backbone_model.embed_tokens.embed_audio_tokens.weight.dtype == torch.bfloat16
+    assert model.depth_decoder.codebooks_head.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.codec_model.parameters()} == {torch.float32}
+    codes = torch.randint(0, 2048, (32, 3))
+    audio = StreamingMimiDecoder(model.codec_model).decode(codes)
+    with torch.inference_mode():
+        whole = model.codec_model.decode(codes[None]).audio_values[0, 0]
+    assert torch.allclose(audio, whole, atol=1e-4)

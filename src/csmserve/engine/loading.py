@@ -109,6 +109,25 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
+def codec_to_float32_on_cpu(model, device: str) -> bool:
+    """On a CPU, move the codec of a half-precision model back to float32; True when it did.
+
+    Without AVX-512 BF16/AMX a CPU runs Mimi's convolutions in half precision on slow reference kernels
+    (2-3x float32's time per frame); the codec is small, so it stays float32 while the transformers
+    keep the requested dtype. Codes are integers, so the two never mix.
+    """
+    import torch
+
+    codec = model.codec_model
+    if device != "cpu" or next(codec.parameters()).dtype == torch.float32:
+        return False
+    codec.float()
+    for module in codec.modules():  # Mimi caches its codebooks' embeddings outside the buffers
+        if hasattr(module, "_embed"):
+            module._embed = None
+    return True
+
+
 def download(model: str, token: str | None) -> Path:
     """Fetch ``model`` from the hub (or its cache) and return the local snapshot directory."""
     from huggingface_hub import snapshot_download
@@ -231,4 +250,6 @@ def load_csm(
             ) from None
         raise NotACsmCheckpoint(f"{path}: the weights cannot be loaded as CSM: {type(exc).__name__}: {exc}") from None
     loaded.eval()
+    if codec_to_float32_on_cpu(loaded, device):
+        log.info("the codec (Mimi) runs in float32 on CPU; the transformers in %s", dtype)
     return LoadedModel(model=loaded, processor=processor, path=path, device=device, dtype=dtype)
