@@ -138,8 +138,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_say(args: argparse.Namespace) -> int:
-    import soundfile as sf
     import numpy as np
+    import soundfile as sf
 
     from csmserve.client import CsmClient, ServerError
 

@@ -12,7 +12,6 @@ import httpx
 import pytest
 import soundfile as sf
 import websockets
-
 from test_model_loading import clean_env, free_port
 
 

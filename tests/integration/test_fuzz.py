@@ -15,14 +15,13 @@ import itertools
 import json
 import logging
 import string
-import sys
 import wave
 from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect

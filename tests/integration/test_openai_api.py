@@ -8,7 +8,6 @@ import json
 
 import av
 import httpx
-import numpy as np
 import openai
 import pytest
 

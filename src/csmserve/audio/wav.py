@@ -7,7 +7,6 @@ import io
 import numpy as np
 import soundfile as sf
 
-
 SUBTYPES = {"pcm_s16le": "PCM_16", "mulaw": "ULAW", "alaw": "ALAW"}
 
 

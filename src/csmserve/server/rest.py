@@ -9,7 +9,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from csmserve.audio.wav import pcm16_to_wav
-
 from csmserve.errors import CsmServeError, DeadlineExceeded, InvalidRequest, NotFound, NotReady, Overloaded
 from csmserve.logs import request_id
 from csmserve.pipeline import AudioOutput, StreamStats, deadline, stream_audio, synthesis_request
