@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     offline_model_dir: Path = Field(
         Path("var/offline-model"), description="Where the offline model is written when it is needed."
     )
+    prefix_cache: bool = Field(
+        True,
+        description=(
+            "Reuse the backbone's cached keys/values for the part of a prompt the previous generation already "
+            "read (a voice's context, a text stream's earlier sentences) instead of prefilling it again."
+        ),
+    )
     warmup: bool = Field(True, description="Run one short generation at start-up before reporting ready.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 RTF_BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 30.0)
@@ -31,6 +35,10 @@ class Metrics:
             for outcome in OUTCOMES:
                 self.requests.labels(endpoint, outcome)
 
+    def watch_prefill(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Export ``counts()`` (positions ``computed``/``reused``) as ``csm_prefill_positions_total``."""
+        self.registry.register(_PrefillCollector(counts))
+
     def finished(self, endpoint: str, outcome: str, stats=None) -> None:
         """Record one request's end; ``stats`` is its :class:`~csmserve.pipeline.StreamStats`."""
         self.requests.labels(endpoint, outcome).inc()
@@ -43,3 +51,20 @@ class Metrics:
         if outcome == "ok" and audio_s > 0:
             fields = stats.as_event_fields()
             self.rtf.observe(fields["rtf"])
+
+
+class _PrefillCollector(Collector):
+    """Reads the engine's running totals at scrape time (the engine owns them, on its worker thread)."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]):
+        self.counts = counts
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "csm_prefill_positions",
+            "Prompt positions the backbone prefilled (computed) or took from its cache (reused: prefix reuse).",
+            labels=["kind"],
+        )
+        for kind, value in sorted(self.counts().items()):
+            family.add_metric([kind], value)
+        yield family

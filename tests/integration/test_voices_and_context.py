@@ -151,3 +151,41 @@ async def test_bad_context_is_refused(fake_server):
             with pytest.raises(ServerError) as caught:
                 await client.synthesize("Hi.", context=context)
             assert fragment in caught.value.event["error"]["message"]
+
+
+def prefill_counts(base: str) -> dict[str, float]:
+    text = httpx.get(base + "/metrics", timeout=10).text
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("csm_prefill_positions_total{"):
+            kind = line.split('kind="', 1)[1].split('"', 1)[0]
+            counts[kind] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+async def test_prefix_reuse_changes_no_sample_and_skips_the_voice_prefill(tiny_model_dir, settings_factory, tmp_path):
+    """Same requests, prefix reuse on and off: identical audio; on, the voice and earlier sentences are reused."""
+    text = "One voice for every request. It speaks in sentence groups, each hearing the last."
+    results, counts = {}, {}
+    for reuse in (True, False):
+        settings = settings_factory(model=str(tiny_model_dir), device="cpu", dtype="float32", torch_threads=1,
+                                    prefix_cache=reuse, voices_dir=tmp_path / f"voices-{reuse}",
+                                    max_chars_per_generation=40, ms_per_char=10, min_audio_ms=160)
+        with running_server(settings) as server:
+            server.wait_ready()
+            voice = register(server.http, clip("WAV", seconds=1.0), speaker_id=2).json()["id"]
+            before = prefill_counts(server.http)
+            async with CsmClient(server.ws) as client:
+                results[reuse] = [
+                    (await client.synthesize(words, max_audio_ms=ms, seed=5, voice=voice)).pcm
+                    for words, ms in (("Hello there.", 480), ("Something else entirely.", 480), (text, 1600))
+                ]
+            after = prefill_counts(server.http)
+            counts[reuse] = {kind: after[kind] - before[kind] for kind in after}
+    assert results[True] == results[False]
+    assert all(len(pcm) > 0 for pcm in results[True])
+    assert counts[False]["reused"] == 0
+    # The voice (its transcript, 1 s of frames, audio_eos) is reused by the second request and the third's
+    # first sentence group; each later group reuses the one before it with the frames it generated.
+    assert counts[True]["reused"] > counts[True]["computed"]
+    assert counts[True]["computed"] + counts[True]["reused"] == counts[False]["computed"]

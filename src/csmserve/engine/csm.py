@@ -149,6 +149,12 @@ class CsmEngine:
             log.info("warm-up done in %.1f s", time.monotonic() - started)
         self.info.ready = True
 
+    @property
+    def prefill_positions(self) -> dict[str, int]:
+        """Prompt positions prefilled so far: ``computed``, and ``reused`` from the backbone cache."""
+        frames = getattr(self, "_frames", None)
+        return dict(frames.prefill_positions) if frames is not None else {"computed": 0, "reused": 0}
+
     def prompt_ids(self, request: SynthesisRequest):
         """Token ids ``(1, T)`` for ``"[speaker]text"`` with BOS/EOS, exactly as the model card builds them."""
         inputs = self._loaded.processor(f"[{request.speaker_id}]{request.text}", add_special_tokens=True)
@@ -223,8 +229,9 @@ class CsmEngine:
             embeds = builder.embeddings(kept, request.speaker_id, piece)
             seed = None if request.seed is None else request.seed + index
             generated = []
+            key = builder.key(kept, request.speaker_id, piece) if self.settings.prefix_cache else None
             codes_iter = frames.frames(
-                embeds, budget, temperature=request.temperature, top_k=request.top_k, seed=seed
+                embeds, budget, temperature=request.temperature, top_k=request.top_k, seed=seed, prompt_key=key
             )
             try:
                 for codes in codes_iter:

@@ -15,7 +15,7 @@ decode (>= its codebook size, e.g. the padding id 2050) are never sampled, whate
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +95,10 @@ class FrameGenerator:
             self._depth_step = torch.compile(self._depth_step_static, mode=mode, fullgraph=True, dynamic=False)
             self._backbone_step = torch.compile(self._backbone_step_static, mode=mode, fullgraph=True, dynamic=False)
         self._position = torch.zeros((), dtype=torch.long, device=self.device)
+        # What the backbone cache holds: one identity per position, from position 0 (see `frames`).
+        self._cached: list[Hashable] = []
+        self.reused_positions = 0  # of the last prompt, taken from the cache instead of recomputed
+        self.prefill_positions = {"computed": 0, "reused": 0}  # running totals, for metrics
 
     # -- one token of each transformer; eager (dynamic shapes) or static (compiled) ------------------
     def _depth_step_eager(self, ids: torch.Tensor, p: int) -> torch.Tensor:
@@ -169,16 +173,24 @@ class FrameGenerator:
         top_k: int | None = None,
         seed: int | None = None,
         greedy: bool = False,
+        prompt_key: Sequence[Hashable] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield each frame's codes as a CPU ``LongTensor`` of shape ``(num_codebooks,)``.
 
         ``prompt_embeds``: ``(1, T, hidden)`` from :meth:`embed_text` (and, for context, frames).
         Stops at end-of-audio, after ``max_frames`` frames, or when the context window is full.
         Closing the iterator between two frames stops the work there.
+
+        ``prompt_key``: one identity per prompt position (:func:`text_key`, :func:`frame_key`), which
+        turns on prefix reuse: positions whose identities match what the backbone cache already holds
+        from position 0 (the last prompt and the frames generated after it) are not computed again. A
+        voice's context, or the sentences a text stream has spoken so far, is then prefilled once.
         """
         length = prompt_embeds.shape[1]
         if length >= self.max_positions:
             raise ValueError(f"prompt of {length} positions leaves no room in the {self.max_positions} window")
+        if prompt_key is not None and len(prompt_key) != length:
+            raise ValueError(f"prompt_key has {len(prompt_key)} identities for {length} positions")
         max_frames = min(max_frames, self.max_positions - length)
         backbone = GREEDY if greedy else self.backbone_sampling.override(temperature, top_k)
         depth = GREEDY if greedy else self.depth_sampling.override(temperature, top_k)
@@ -186,7 +198,15 @@ class FrameGenerator:
         if not greedy:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-        hidden = self.backbone.forward(prompt_embeds.to(self.dtype), 0)[:, -1:]
+        # The last position is always computed: its hidden state predicts the first frame.
+        reuse = 0 if prompt_key is None else min(_common_prefix(self._cached, prompt_key), length - 1)
+        del self._cached[reuse:]  # positions from `reuse` on are about to be overwritten
+        self.reused_positions = reuse
+        self.prefill_positions["reused"] += reuse
+        self.prefill_positions["computed"] += length - reuse
+        hidden = self.backbone.forward(prompt_embeds[:, reuse:].to(self.dtype), reuse)[:, -1:]
+        if prompt_key is not None:
+            self._cached.extend(prompt_key[reuse:])
         position = length
         for _ in range(max_frames):
             c0 = self._sample(self.model.lm_head(hidden[:, -1]), backbone, generator)
@@ -199,4 +219,24 @@ class FrameGenerator:
             hidden = self._backbone_step(codes[None].to(self.device), self._index(position))
             if self.compiled:  # a CUDA graph reuses its output buffer on the next replay
                 hidden = hidden.clone()
+            if len(self._cached) == position:  # the cache holds an unbroken prefix: extend it
+                self._cached.append(frame_key(codes))
             position += 1
+
+
+def text_key(token_id: int) -> Hashable:
+    """The identity of a backbone position holding a text token."""
+    return ("text", int(token_id))
+
+
+def frame_key(codes) -> Hashable:
+    """The identity of a backbone position holding an audio frame (its codebook ids)."""
+    return ("audio", tuple(int(c) for c in codes))
+
+
+def _common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

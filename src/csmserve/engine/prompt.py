@@ -70,6 +70,20 @@ class PromptBuilder:
             budget -= need
         return kept[::-1]
 
+    def key(self, context: Sequence[Turn], speaker_id: int, text: str) -> list:
+        """One identity per position of :meth:`embeddings`' prompt, for the frame loop's prefix reuse."""
+        from csmserve.engine.frames import frame_key, text_key
+
+        key = []
+        eos_frame = [self.frames.eos_id] * self.frames.num_codebooks
+        for turn in context:
+            key.extend(text_key(i) for i in self.token_ids(turn.speaker_id, turn.text)[0])
+            if turn.has_audio:
+                key.extend(frame_key(codes) for codes in np.asarray(turn.codes))
+                key.append(frame_key(eos_frame))
+        key.extend(text_key(i) for i in self.token_ids(speaker_id, text)[0])
+        return key
+
     def embeddings(self, context: Sequence[Turn], speaker_id: int, text: str) -> torch.Tensor:
         parts = []
         eos_frame = torch.full((1, self.frames.num_codebooks), self.frames.eos_id, dtype=torch.long)

@@ -95,6 +95,8 @@ def create_app(
     worker = getattr(engine, "_worker", None)
     if worker is not None:
         state.metrics.queue_depth.set_function(lambda: worker.queued)
+    if hasattr(engine, "prefill_positions"):
+        state.metrics.watch_prefill(lambda: engine.prefill_positions)
     if not state.keys.enabled:
         log.warning(
             "no API keys configured (CSM_API_KEYS): anyone who can reach this port can use the model"
