@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from csmserve.engine.frames import FrameGenerator  # noqa: E402
-from csmserve.engine.loading import codec_to_float32_on_cpu  # noqa: E402
+from csmserve.engine.loading import codec_to_float32_on_cpu, forget_cached_codebooks  # noqa: E402
 from csmserve.engine.mimi_stream import StreamingMimiDecoder  # noqa: E402
 
 UNDECODABLE = [2048, 2049, 2050]
@@ -328,9 +328,7 @@ def main() -> None:
     # float32 first, then convert in place: one copy of the weights in memory at a time.
     for dtype in sorted(args.dtypes.split(","), key=lambda d: d != "float32"):
         model.to(getattr(torch, dtype))
-        for module in model.codec_model.modules():  # Mimi caches its codebooks outside the buffers
-            if hasattr(module, "_embed"):
-                module._embed = None
+        forget_cached_codebooks(model.codec_model)
         gc.collect()
         row = frame_loop(model, dtype, args.frames, device, args.repeats)
         loop_rows.append(row)

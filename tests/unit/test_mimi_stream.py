@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import MimiConfig, MimiModel
 
+from csmserve.engine.loading import forget_cached_codebooks
 from csmserve.engine.mimi_stream import StreamingMimiDecoder
 from csmserve.engine.tiny import tiny_codec_config
 
@@ -26,7 +27,7 @@ def audible_codec(config: MimiConfig) -> MimiModel:
         for rvq in (split.semantic_residual_vector_quantizer, split.acoustic_residual_vector_quantizer):
             for layer in rvq.layers:
                 layer.codebook.embed_sum.normal_()
-                layer.codebook._embed = None  # drop the cached codebook derived from embed_sum
+        forget_cached_codebooks(codec)
         for name, parameter in codec.named_parameters():
             if name.endswith("layer_scale.scale"):
                 parameter.fill_(1.0)

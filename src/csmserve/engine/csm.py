@@ -152,8 +152,9 @@ class CsmEngine:
     @property
     def prefill_positions(self) -> dict[str, int]:
         """Prompt positions prefilled so far: ``computed``, and ``reused`` from the backbone cache."""
-        frames = getattr(self, "_frames", None)
-        return dict(frames.prefill_positions) if frames is not None else {"computed": 0, "reused": 0}
+        if self._frames is None:  # not loaded yet
+            return {"computed": 0, "reused": 0}
+        return dict(self._frames.prefill_positions)
 
     def prompt_ids(self, request: SynthesisRequest):
         """Token ids ``(1, T)`` for ``"[speaker]text"`` with BOS/EOS, exactly as the model card builds them."""

@@ -220,7 +220,7 @@ class FrameGenerator:
             if self.compiled:  # a CUDA graph reuses its output buffer on the next replay
                 hidden = hidden.clone()
             if len(self._cached) == position:  # the cache holds an unbroken prefix: extend it
-                self._cached.append(frame_key(codes))
+                self._cached.append(frame_key(codes.tolist()))
             position += 1
 
 

@@ -122,10 +122,18 @@ def codec_to_float32_on_cpu(model, device: str) -> bool:
     if device != "cpu" or next(codec.parameters()).dtype == torch.float32:
         return False
     codec.float()
-    for module in codec.modules():  # Mimi caches its codebooks' embeddings outside the buffers
+    forget_cached_codebooks(codec)
+    return True
+
+
+def forget_cached_codebooks(codec) -> None:
+    """Drop the codebooks Mimi derives from ``embed_sum`` and caches outside its buffers (``_embed``).
+
+    ``.to(dtype)`` and in-place edits of ``embed_sum`` leave that cache stale; it is rebuilt on next use.
+    """
+    for module in codec.modules():
         if hasattr(module, "_embed"):
             module._embed = None
-    return True
 
 
 def download(model: str, token: str | None) -> Path:

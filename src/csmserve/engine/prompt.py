@@ -12,7 +12,7 @@ still to generate fit the model's position window.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,27 +70,31 @@ class PromptBuilder:
             budget -= need
         return kept[::-1]
 
+    def _parts(self, context: Sequence[Turn], speaker_id: int, text: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """The prompt in order: ``("text", ids (1, T))`` and ``("audio", codes (F, N))``, a turn's audio
+        ending with its ``<audio_eos>`` frame. :meth:`embeddings` and :meth:`key` both read this."""
+        eos_frame = torch.full((1, self.frames.num_codebooks), self.frames.eos_id, dtype=torch.long)
+        for turn in context:
+            yield "text", self.token_ids(turn.speaker_id, turn.text)
+            if turn.has_audio:
+                yield "audio", torch.cat([torch.as_tensor(np.asarray(turn.codes), dtype=torch.long), eos_frame])
+        yield "text", self.token_ids(speaker_id, text)
+
     def key(self, context: Sequence[Turn], speaker_id: int, text: str) -> list:
         """One identity per position of :meth:`embeddings`' prompt, for the frame loop's prefix reuse."""
         from csmserve.engine.frames import frame_key, text_key
 
         key = []
-        eos_frame = [self.frames.eos_id] * self.frames.num_codebooks
-        for turn in context:
-            key.extend(text_key(i) for i in self.token_ids(turn.speaker_id, turn.text)[0])
-            if turn.has_audio:
-                key.extend(frame_key(codes) for codes in np.asarray(turn.codes))
-                key.append(frame_key(eos_frame))
-        key.extend(text_key(i) for i in self.token_ids(speaker_id, text)[0])
+        for kind, values in self._parts(context, speaker_id, text):
+            if kind == "text":
+                key.extend(text_key(i) for i in values[0].tolist())
+            else:
+                key.extend(frame_key(row) for row in values.tolist())
         return key
 
     def embeddings(self, context: Sequence[Turn], speaker_id: int, text: str) -> torch.Tensor:
-        parts = []
-        eos_frame = torch.full((1, self.frames.num_codebooks), self.frames.eos_id, dtype=torch.long)
-        for turn in context:
-            parts.append(self.frames.embed_text(self.token_ids(turn.speaker_id, turn.text)))
-            if turn.has_audio:
-                codes = torch.as_tensor(np.asarray(turn.codes), dtype=torch.long)
-                parts.append(self.frames.embed_frames(torch.cat([codes, eos_frame])))
-        parts.append(self.frames.embed_text(self.token_ids(speaker_id, text)))
+        parts = [
+            self.frames.embed_text(values) if kind == "text" else self.frames.embed_frames(values)
+            for kind, values in self._parts(context, speaker_id, text)
+        ]
         return torch.cat(parts, dim=1)

@@ -77,12 +77,14 @@ def randomize_codebooks(codec) -> None:
     """
     import torch
 
+    from csmserve.engine.loading import forget_cached_codebooks
+
     for module in codec.modules():
         if hasattr(module, "embed_sum") and hasattr(module, "cluster_usage"):
             with torch.no_grad():
                 module.embed_sum.normal_(0.0, 1.0)
                 module.cluster_usage.fill_(1.0)
-            module._embed = None
+    forget_cached_codebooks(codec)
 
 
 def _quieten(codec, target_rms: float = 0.1) -> None:
