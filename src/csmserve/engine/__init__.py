@@ -77,9 +77,34 @@ class EngineInfo:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """A snapshot of the engine's work, for admission, ``/health``, ``/metrics`` and the watchdog.
+
+    ``max_batch``: rows (streams) one step can hold; ``active``: rows generating now; ``waiting``:
+    requests submitted but not yet generating (queued, or being prefilled); ``steps``: steps run
+    since start, monotonic (the watchdog's progress signal: waiting work and no new steps means the
+    engine is stuck); ``last_step_ms`` and ``last_batch``: the duration and row count of the last step.
+    """
+
+    max_batch: int
+    active: int = 0
+    waiting: int = 0
+    steps: int = 0
+    last_step_ms: float = 0.0
+    last_batch: int = 0
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_batch - self.active)
+
+
 class Engine(Protocol):
     sample_rate: int
     info: EngineInfo
+
+    def capacity(self) -> Capacity:
+        """What the engine is doing now (safe to call from the event loop at any time)."""
 
     async def start(self) -> None:
         """Load and warm up. Returns when the engine can synthesise (or raises ModelLoadError)."""

@@ -86,6 +86,9 @@ class CsmEngine:
     async def close(self) -> None:
         self._worker.stop()
 
+    def capacity(self):
+        return self._worker.capacity()
+
     # -- worker thread ------------------------------------------------------------------------
     def _load(self) -> None:
         from csmserve.engine.loading import require_csm

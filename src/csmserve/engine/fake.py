@@ -53,6 +53,9 @@ class FakeEngine:
     async def close(self) -> None:
         self._worker.stop()
 
+    def capacity(self):
+        return self._worker.capacity()
+
     def num_frames(self, request: SynthesisRequest) -> int:
         return max(1, min(request.max_audio_ms // FRAME_MS, 2 + len(request.text) // 4))
 

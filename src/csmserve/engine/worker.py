@@ -14,6 +14,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,9 @@ class ModelWorker:
         #: Set when the device failed for good (a CUDA error): the engine reports it as not ready.
         self.fatal: str | None = None
         self._running = False
+        #: Items produced by all jobs (monotonic: progress for the watchdog), and the last one's duration.
+        self.steps = 0
+        self.last_step_ms = 0.0
 
     def start(self) -> None:
         if not self._started:
@@ -65,6 +69,15 @@ class ModelWorker:
     @property
     def queued(self) -> int:
         return self._jobs.qsize()
+
+    def capacity(self):
+        """The worker's work as a :class:`~csmserve.engine.Capacity`: one request at a time."""
+        from csmserve.engine import Capacity
+
+        return Capacity(
+            max_batch=1, active=int(self._running), waiting=self.queued, steps=self.steps,
+            last_step_ms=self.last_step_ms, last_batch=int(self._running),
+        )
 
     @property
     def busy(self) -> bool:
@@ -112,10 +125,14 @@ class ModelWorker:
             try:
                 items = job.make_items(job.cancelled)
                 try:
+                    started = time.monotonic()
                     for item in items:  # the cancel flag is checked between two items (frames)
                         job.produced += 1
+                        self.steps += 1
+                        self.last_step_ms = 1000 * (time.monotonic() - started)
                         if job.cancelled.is_set() or not self._deliver(job, item):
                             break
+                        started = time.monotonic()
                 finally:
                     close = getattr(items, "close", None)
                     if close is not None:

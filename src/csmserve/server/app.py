@@ -92,9 +92,7 @@ def create_app(
         metrics=Metrics(),
         keys=KeyChecker(settings.api_keys),
     )
-    worker = getattr(engine, "_worker", None)
-    if worker is not None:
-        state.metrics.queue_depth.set_function(lambda: worker.queued)
+    state.metrics.queue_depth.set_function(lambda: engine.capacity().waiting)
     if hasattr(engine, "prefill_positions"):
         state.metrics.watch_prefill(lambda: engine.prefill_positions)
     if not state.keys.enabled:
