@@ -49,6 +49,22 @@ class Settings(BaseSettings):
             "read (a voice's context, a text stream's earlier sentences) instead of prefilling it again."
         ),
     )
+    max_batch: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Streams generated together in one batched step (each holds a KV-cache slot). "
+            "Unset: 64 on a GPU, 8 on a CPU. More streams than this wait in the queue."
+        ),
+    )
+    prefill_chunk: int = Field(
+        128,
+        ge=1,
+        description=(
+            "Prompt positions prefilled per step: a long prompt joins in chunks between the others' frames, "
+            "so an active stream's gap stays about one step plus one chunk."
+        ),
+    )
     warmup: bool = Field(True, description="Run one short generation at start-up before reporting ready.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
 
@@ -120,6 +136,12 @@ class Settings(BaseSettings):
         if self.min_speaker_id > self.max_speaker_id:
             raise ValueError("min_speaker_id must not exceed max_speaker_id")
         return self
+
+    def resolved_max_batch(self, device: str) -> int:
+        """``max_batch``, or its default for ``device`` ("cuda..." or "cpu")."""
+        if self.max_batch is not None:
+            return self.max_batch
+        return 64 if device.startswith("cuda") else 8
 
     def audio_budget_ms(self, text: str) -> int:
         """Default maximum audio for ``text``: proportional to its length, within the server cap."""

@@ -74,6 +74,14 @@ class DeadlineExceeded(CsmServeError):
     http_status = 504
 
 
+class ClientTooSlow(CsmServeError):
+    """The stream's reader took none of its audio for ``CSM_MAX_LAG_S``: the engine freed its row."""
+
+    code = "slow_client"
+    http_status = 408
+    ws_close_code = 1008
+
+
 class GenerationFailed(CsmServeError):
     """The model raised while generating one request; the server keeps serving."""
 

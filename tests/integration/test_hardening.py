@@ -60,13 +60,13 @@ def test_beyond_max_streams_rest_gets_429_with_retry_after(settings_factory):
 
 
 async def test_worker_queue_overflow_is_refused(settings_factory):
-    """Requests beyond the worker queue bound are refused with 1013, not queued without end."""
-    engine = FakeEngine(frame_delay_s=0.05, max_queue=1)
+    """Requests beyond the engine's rows and its queue bound are refused with 1013, not queued without end."""
+    engine = FakeEngine(frame_delay_s=0.05, max_queue=1, max_batch=1)
     with running_server(settings_factory(engine="fake", max_streams=10), engine) as server:
         a, b, c = [await websockets.connect(server.ws) for _ in range(3)]
         try:
             await a.send(json.dumps({"text": LONG}))
-            await a.recv()  # running in the worker
+            await a.recv()  # in the engine's only row
             await b.send(json.dumps({"text": LONG}))  # waits in the queue
             await asyncio.sleep(0.2)
             await c.send(json.dumps({"text": LONG, "request_id": "c"}))

@@ -117,9 +117,37 @@ def test_compiled_static_steps_give_the_same_codes_as_eager(tiny):
     assert torch.equal(sampled[0], sampled[1])
 
 
+def run_rows(runner, prompts, frames: int) -> torch.Tensor:
+    """Greedy codes ``(rows, frames, 32)`` of ``prompts`` (token id tensors) stepped together on ``runner``."""
+    from csmserve.engine.runner import RowSampling
+
+    slots = list(range(len(prompts)))
+    for slot, ids in enumerate(prompts):
+        runner.prefill(slot, runner.embed_text(ids), 0)
+    greedy = [RowSampling.create(runner, greedy=True)] * len(prompts)
+    out = []
+    for step in range(frames):
+        codes = runner.frame(slots, greedy)
+        out.append(codes)
+        runner.advance(slots, [ids.shape[1] + step for ids in prompts], codes)
+    return torch.stack(out, dim=1)
+
+
 @pytest.mark.slow
-def test_greedy_codes_equal_generate_for_the_full_size_architecture():
-    """csm-1b's architecture (CsmConfig() defaults, random weights), float32: 8 frames identical."""
+def test_compiled_batched_steps_give_the_same_codes_as_eager(tiny):
+    """Three rows in the compiled path (a batch-size bucket of 4, padded) generate the eager batch's codes."""
+    from csmserve.engine.runner import BatchRunner
+
+    processor, model = tiny
+    prompts = [processor(t, add_special_tokens=True, return_tensors="pt")["input_ids"] for t in ("[0]One.", "[1]Two longer.", "[2]Three, longest of all.")]
+    eager = run_rows(BatchRunner(model, slots=4), prompts, 12)
+    compiled = run_rows(BatchRunner(model, slots=4, compile=True), prompts, 12)
+    assert torch.equal(compiled, eager)
+
+
+@pytest.fixture(scope="module")
+def full_size():
+    """csm-1b's architecture (CsmConfig() defaults) with random weights, float32."""
     from transformers import CsmConfig
 
     from csmserve.engine.tiny import randomize_codebooks
@@ -127,10 +155,34 @@ def test_greedy_codes_equal_generate_for_the_full_size_architecture():
     torch.manual_seed(0)
     model = CsmForConditionalGeneration(CsmConfig()).eval()
     randomize_codebooks(model.codec_model)
-    input_ids = torch.tensor([[128000, 58, 15, 60, 9906, 1917, 11, 420, 374, 264, 1296, 13, 128001]])
+    return model
+
+
+FULL_SIZE_PROMPT = [128000, 58, 15, 60, 9906, 1917, 11, 420, 374, 264, 1296, 13, 128001]
+
+
+@pytest.mark.slow
+def test_greedy_codes_equal_generate_for_the_full_size_architecture(full_size):
+    """csm-1b's architecture (CsmConfig() defaults, random weights), float32: 8 frames identical."""
+    input_ids = torch.tensor([FULL_SIZE_PROMPT])
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    generator = FrameGenerator(model)
+    generator = FrameGenerator(full_size)
     ours = torch.stack(list(generator.frames(generator.embed_text(input_ids), 8, greedy=True)))
-    reference = reference_codes(model, inputs, 8)
+    reference = reference_codes(full_size, inputs, 8)
     assert ours.shape == (8, 32)
     assert torch.equal(ours, reference[:8])
+
+
+@pytest.mark.slow
+def test_two_full_size_rows_in_one_batch_equal_their_solo_greedy_codes(full_size):
+    """csm-1b's architecture, float32: two prompts of different lengths stepped together give each one's solo codes."""
+    from csmserve.engine.runner import BatchRunner
+
+    prompts = [torch.tensor([FULL_SIZE_PROMPT]), torch.tensor([FULL_SIZE_PROMPT[:4] + [40, 1097, 13, 128001]])]
+    frames = 3
+    solo = []
+    for ids in prompts:
+        generator = FrameGenerator(full_size)
+        solo.append(torch.stack(list(generator.frames(generator.embed_text(ids), frames, greedy=True))))
+    batched = run_rows(BatchRunner(full_size, slots=2), prompts, frames)
+    assert torch.equal(batched[0], solo[0]) and torch.equal(batched[1], solo[1])

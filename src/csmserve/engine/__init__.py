@@ -126,7 +126,12 @@ def create_engine(settings: Settings) -> Engine:
     if settings.engine == "fake":
         from csmserve.engine.fake import FakeEngine
 
-        return FakeEngine(frame_delay_s=settings.fake_frame_delay_ms / 1000, max_queue=settings.max_queue)
+        return FakeEngine(
+            frame_delay_s=settings.fake_frame_delay_ms / 1000,
+            max_queue=settings.max_queue,
+            max_batch=settings.max_batch or 64,
+            max_lag_s=settings.max_lag_s,
+        )
     from csmserve.engine.csm import CsmEngine
 
     return CsmEngine(settings)

@@ -1,24 +1,28 @@
-"""The CSM engine: the loaded model, its frame loop and streaming codec, behind one worker thread.
+"""The CSM engine: the loaded model behind the batching worker, and what a request means to it.
 
-For each request the worker builds the prompt ``"[{speaker_id}]{text}"`` with the processor (with
-special tokens, as the model card does), runs :class:`FrameGenerator` and decodes each frame with
-:class:`StreamingMimiDecoder` as soon as it exists, so the first audio leaves after one frame,
-whatever the length of the text.
+A request is one or more pieces (sentence groups of its text). For each piece :class:`CsmSteps` builds
+the prompt (voice and context turns, then ``"[{speaker_id}]{text}"`` with the processor's special
+tokens, as the model card does); the worker prefills it into the request's slot and then decodes one
+frame per step together with every other active stream (:class:`~csmserve.engine.runner.BatchRunner`),
+each frame decoded at once by the batched streaming Mimi decoder, so the first audio leaves one step
+after the prefill, whatever the length of the text and however many streams are talking.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 
 from csmserve.config import DEFAULT_MODEL, Settings
-from csmserve.engine import EngineInfo, SynthesisRequest
-from csmserve.engine.worker import ModelWorker, synthesize_on
+from csmserve.engine import Capacity, EngineInfo, SynthesisRequest
+from csmserve.engine.scheduler import Piece, Row, is_end_of_audio
+from csmserve.engine.worker import Frame, ModelWorker, Stream, synthesize_on
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,145 @@ OFFLINE_WARNING = (
 )
 
 
+@dataclass
+class _Utterance:
+    """One request's progress through its pieces (worker thread only)."""
+
+    builder: Any
+    voice: list
+    context: list
+    pieces: list[str]
+    remaining: int
+    index: int = -1
+    generated: list = field(default_factory=list)  # codes of the current piece's frames
+    sampling: Any = None
+    embeds: Any = None
+
+
+class CsmSteps:
+    """The CSM model as the worker's :class:`~csmserve.engine.worker.StepModel`: pieces, prompts, the
+    batched frame step and the batched streaming codec. Worker thread only."""
+
+    def __init__(self, loaded, settings: Settings, max_batch: int, compile: bool):
+        from csmserve.engine.mimi_stream import BatchedMimiDecoder
+        from csmserve.engine.runner import BatchRunner
+
+        self.loaded = loaded
+        self.settings = settings
+        self.runner = BatchRunner(loaded.model, slots=max_batch, compile=compile)
+        self.decoder = BatchedMimiDecoder(loaded.model.codec_model, max_batch)
+        self.frame_size = self.decoder.frame_size
+
+    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+        """Mimi codes ``(frames, 32)`` int16 for mono float32 audio at 24 kHz."""
+        import torch
+
+        codec = self.loaded.model.codec_model
+        with torch.inference_mode():
+            values = torch.as_tensor(np.asarray(audio, dtype=np.float32), device=self.runner.device)[None, None]
+            codes = codec.encode(values.to(codec.dtype)).audio_codes[0]  # (32, frames)
+        return codes.T.cpu().numpy().astype(np.int16)
+
+    def _turns(self, turns) -> list:
+        from csmserve.engine.prompt import Turn
+
+        out = []
+        for turn in turns:
+            codes = turn.codes
+            if codes is None and turn.audio is not None and len(turn.audio):
+                codes = self.encode_audio(turn.audio)
+            out.append(Turn(turn.speaker_id, turn.text, codes))
+        return out
+
+    def _start(self, request: SynthesisRequest) -> _Utterance:
+        from csmserve.engine.prompt import PromptBuilder
+        from csmserve.text.sentences import chunk_for_window, split_sentences
+
+        carry = request.continuation
+        context = self._turns(request.context) + ([carry.previous] if carry and carry.previous else [])
+        return _Utterance(
+            builder=PromptBuilder(self.loaded.processor.tokenizer, self.runner),
+            voice=self._turns(request.voice),
+            context=context,
+            pieces=chunk_for_window(split_sentences(request.text), self.settings.max_chars_per_generation),
+            remaining=max(1, request.max_audio_ms // FRAME_MS),
+        )
+
+    # -- StepModel ----------------------------------------------------------------------------------
+    def next_piece(self, stream: Stream) -> Piece | None:
+        import torch
+
+        from csmserve.engine.prompt import Turn
+        from csmserve.engine.runner import RowSampling
+
+        request = stream.request
+        if stream.state is None:
+            stream.state = self._start(request)
+        u: _Utterance = stream.state
+        if u.generated:  # the piece that just ended: the next one hears it (same voice, continuous prosody)
+            last = Turn(request.speaker_id, u.pieces[u.index], torch.stack(u.generated).numpy())
+            u.context.append(last)
+            u.remaining -= len(u.generated)
+            if request.continuation is not None:
+                request.continuation.previous = last
+            u.generated = []
+        u.index += 1
+        if u.index >= len(u.pieces) or u.remaining <= 0:
+            return None
+        piece = u.pieces[u.index]
+        # The piece's own share of the audio budget, so one sentence cannot starve the rest.
+        share = self.settings.audio_budget_ms(piece) // FRAME_MS if len(u.pieces) > 1 else u.remaining
+        budget = min(u.remaining, max(1, share))
+        builder, window = u.builder, self.runner.max_positions
+        target = builder.token_ids(request.speaker_id, piece).shape[1]
+        kept_voice = builder.fit(u.voice, target, budget, window)
+        used = sum(builder.positions(t) for t in kept_voice)
+        kept = kept_voice + builder.fit(u.context, target + used, budget, window)
+        u.embeds = builder.embeddings(kept, request.speaker_id, piece)
+        length = u.embeds.shape[1]
+        if length >= window:
+            raise ValueError(f"prompt of {length} positions leaves no room in the {window} window")
+        seed = None if request.seed is None else request.seed + u.index
+        u.sampling = RowSampling.create(self.runner, temperature=request.temperature, top_k=request.top_k, seed=seed)
+        key = builder.key(kept, request.speaker_id, piece) if self.settings.prefix_cache else None
+        return Piece(length=length, max_frames=min(budget, window - length), key=key)
+
+    def enter(self, stream: Stream, slot: int) -> None:
+        carry = stream.request.continuation
+        if carry is not None and carry.engine_state is not None:  # the stream's codec state: no seam
+            self.decoder.load(slot, carry.engine_state)
+        else:
+            self.decoder.reset([slot])
+
+    def prefill(self, row: Row, start: int, length: int) -> None:
+        self.runner.prefill(row.slot, row.stream.state.embeds[:, start : start + length], start)
+
+    def decode(self, rows: list[Row]) -> list[Frame | None]:
+        slots = [row.slot for row in rows]
+        codes = self.runner.frame(slots, [row.stream.state.sampling for row in rows])
+        eos = self.runner.eos_id
+        going = [i for i in range(len(rows)) if not is_end_of_audio(codes[i].tolist(), eos)]
+        out: list[Frame | None] = [None] * len(rows)
+        if not going:
+            return out
+        kept = codes[going]
+        kept_slots = [slots[i] for i in going]
+        audio = self.decoder.decode(kept[:, :, None], kept_slots).numpy()
+        positions = [rows[i].piece.length + rows[i].frames for i in going]
+        self.runner.advance(kept_slots, positions, kept)
+        for j, i in enumerate(going):
+            rows[i].stream.state.generated.append(kept[j])
+            out[i] = Frame(kept[j].tolist(), audio[j])
+        return out
+
+    def leave(self, stream: Stream, slot: int) -> None:
+        carry = stream.request.continuation
+        if carry is not None:
+            carry.engine_state = self.decoder.save(slot)
+
+
 class CsmEngine:
-    """Serves ``CsmForConditionalGeneration`` from one worker thread. See :class:`csmserve.engine.Engine`."""
+    """Serves ``CsmForConditionalGeneration`` from one batching worker thread. See :class:`csmserve.engine.Engine`."""
 
     sample_rate = 24_000
 
@@ -67,10 +208,16 @@ class CsmEngine:
         self.info = EngineInfo(name="csm", model=settings.model or DEFAULT_MODEL)
         self._from_pretrained = from_pretrained
         self._preloaded = loaded
-        self._worker = ModelWorker(setup=self._thread_setup, max_queued=settings.max_queue)
+        self._worker = ModelWorker(
+            setup=self._thread_setup,
+            max_batch=1,  # until the model is loaded and the device known
+            max_queued=settings.max_queue,
+            prefill_chunk=settings.prefill_chunk,
+            prefix_reuse=settings.prefix_cache,
+            max_lag_s=settings.max_lag_s,
+        )
         self._loaded = None
-        self._frames = None
-        self._decoder = None
+        self._steps: CsmSteps | None = None
         self.frame_size = 1920
 
     def _thread_setup(self) -> None:
@@ -82,11 +229,18 @@ class CsmEngine:
     async def start(self) -> None:
         self._worker.start()
         await self._worker.call(self._load)
+        if self.settings.warmup:
+            started = time.monotonic()
+            warm = SynthesisRequest(text="Hello.", max_audio_ms=2 * FRAME_MS, seed=0)
+            async for _ in self._worker.stream(warm):
+                pass
+            log.info("warm-up done in %.1f s", time.monotonic() - started)
+        self.info.ready = True
 
     async def close(self) -> None:
         self._worker.stop()
 
-    def capacity(self):
+    def capacity(self) -> Capacity:
         return self._worker.capacity()
 
     # -- worker thread ------------------------------------------------------------------------
@@ -129,8 +283,7 @@ class CsmEngine:
         self._attach(loaded, started)
 
     def _attach(self, loaded, started: float) -> None:
-        from csmserve.engine.frames import FrameGenerator
-        from csmserve.engine.mimi_stream import StreamingMimiDecoder
+        from csmserve.engine.scheduler import Scheduler
         from csmserve.engine.tiny import is_offline_model
 
         self._loaded = loaded
@@ -138,122 +291,32 @@ class CsmEngine:
         self.info.offline_model = is_offline_model(loaded.model.config)
         self.sample_rate = int(loaded.model.config.codec_config.sampling_rate)
         use_compile = self.settings.compile == "on" or (self.settings.compile == "auto" and loaded.device == "cuda")
-        self._frames = FrameGenerator(loaded.model, compile=use_compile)
+        max_batch = self.settings.resolved_max_batch(loaded.device)
+        self._steps = CsmSteps(loaded, self.settings, max_batch, use_compile)
+        self._worker.model = self._steps
+        self._worker.scheduler = Scheduler(max_batch, self.settings.prefill_chunk, self.settings.prefix_cache)
         self.info.extra["compiled"] = use_compile
-        self._decoder = StreamingMimiDecoder(loaded.model.codec_model)
-        self.frame_size = self._decoder.frame_size
-        log.info("model loaded in %.1f s (%s, %s, %s)", time.monotonic() - started, self.info.model, loaded.device, loaded.dtype)
+        self.info.extra["max_batch"] = max_batch
+        self.frame_size = self._steps.frame_size
+        log.info(
+            "model loaded in %.1f s (%s, %s, %s), %d streams per step",
+            time.monotonic() - started, self.info.model, loaded.device, loaded.dtype, max_batch,
+        )
         if self.info.offline_model:
             log.warning(OFFLINE_WARNING)
-        if self.settings.warmup:
-            started = time.monotonic()
-            for _ in self._generate(SynthesisRequest(text="Hello.", max_audio_ms=2 * FRAME_MS, seed=0), threading.Event()):
-                pass
-            log.info("warm-up done in %.1f s", time.monotonic() - started)
-        self.info.ready = True
 
     @property
     def prefill_positions(self) -> dict[str, int]:
         """Prompt positions prefilled so far: ``computed``, and ``reused`` from the backbone cache."""
-        if self._frames is None:  # not loaded yet
-            return {"computed": 0, "reused": 0}
-        return dict(self._frames.prefill_positions)
-
-    def prompt_ids(self, request: SynthesisRequest):
-        """Token ids ``(1, T)`` for ``"[speaker]text"`` with BOS/EOS, exactly as the model card builds them."""
-        inputs = self._loaded.processor(f"[{request.speaker_id}]{request.text}", add_special_tokens=True)
-        return inputs["input_ids"]
-
-    def max_frames(self, request: SynthesisRequest) -> int:
-        return max(1, request.max_audio_ms // FRAME_MS)
+        return dict(self._worker.scheduler.prefill_positions)
 
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
         """Mimi codes ``(frames, 32)`` int16 for mono float32 audio at 24 kHz. Worker thread only."""
-        import torch
-
-        codec = self._loaded.model.codec_model
-        device = self._frames.device
-        with torch.inference_mode():
-            values = torch.as_tensor(np.asarray(audio, dtype=np.float32), device=device)[None, None]
-            codes = codec.encode(values.to(codec.dtype)).audio_codes[0]  # (32, frames)
-        return codes.T.cpu().numpy().astype(np.int16)
+        return self._steps.encode_audio(audio)
 
     async def encode(self, audio: np.ndarray) -> np.ndarray:
-        """:meth:`encode_audio` on the worker thread (after queued requests)."""
+        """:meth:`encode_audio` on the worker thread (between two steps)."""
         return await self._worker.call(lambda: self.encode_audio(audio))
 
-    def _turns(self, turns) -> list:
-        from csmserve.engine.prompt import Turn
-
-        out = []
-        for turn in turns:
-            if isinstance(turn, Turn):
-                out.append(turn)
-                continue
-            codes = turn.codes
-            if codes is None and turn.audio is not None and len(turn.audio):
-                codes = self.encode_audio(turn.audio)
-            out.append(Turn(turn.speaker_id, turn.text, codes))
-        return out
-
-    def _generate(self, request: SynthesisRequest, cancelled: threading.Event) -> Iterator[np.ndarray]:
-        """Frames of ``request`` decoded one by one, sentence group after sentence group, into one
-        continuous stream (the codec state carries across groups, so there is no seam)."""
-        import torch
-
-        from csmserve.engine.prompt import PromptBuilder, Turn
-        from csmserve.text.sentences import chunk_for_window, split_sentences
-
-        frames, decoder = self._frames, self._decoder
-        builder = PromptBuilder(self._loaded.processor.tokenizer, frames)
-        carry = request.continuation
-        if carry is None:
-            decoder.reset()
-        else:  # a stream's own codec state, so its sentences join without a seam
-            if carry.engine_state is None:
-                from csmserve.engine.mimi_stream import StreamingMimiDecoder
-
-                carry.engine_state = StreamingMimiDecoder(self._loaded.model.codec_model)
-            decoder = carry.engine_state
-        voice = self._turns(request.voice)
-        context = self._turns(request.context) + ([carry.previous] if carry and carry.previous else [])
-        pieces = chunk_for_window(split_sentences(request.text), self.settings.max_chars_per_generation)
-        remaining = self.max_frames(request)
-        window = frames.max_positions
-        for index, piece in enumerate(pieces):
-            if remaining <= 0 or cancelled.is_set():
-                return
-            # The piece's own share of the audio budget, so one sentence cannot starve the rest.
-            share = self.settings.audio_budget_ms(piece) // FRAME_MS if len(pieces) > 1 else remaining
-            budget = min(remaining, max(1, share))
-            target = builder.token_ids(request.speaker_id, piece).shape[1]
-            kept_voice = builder.fit(voice, target, budget, window)
-            used = sum(builder.positions(t) for t in kept_voice)
-            kept = kept_voice + builder.fit(context, target + used, budget, window)
-            embeds = builder.embeddings(kept, request.speaker_id, piece)
-            seed = None if request.seed is None else request.seed + index
-            generated = []
-            key = builder.key(kept, request.speaker_id, piece) if self.settings.prefix_cache else None
-            codes_iter = frames.frames(
-                embeds, budget, temperature=request.temperature, top_k=request.top_k, seed=seed, prompt_key=key
-            )
-            try:
-                for codes in codes_iter:
-                    if cancelled.is_set():
-                        return
-                    generated.append(codes)
-                    with torch.inference_mode():
-                        audio = decoder.decode(codes[:, None].to(frames.device))
-                    yield audio.float().cpu().numpy()
-            finally:
-                codes_iter.close()
-            remaining -= len(generated)
-            if generated:
-                # The next piece hears this one: same voice, continuous prosody.
-                last = Turn(request.speaker_id, piece, torch.stack(generated).numpy())
-                context = context + [last]
-                if carry is not None:
-                    carry.previous = last
-
     def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
-        return synthesize_on(self._worker, self.info, lambda cancelled: self._generate(request, cancelled))
+        return synthesize_on(self._worker, self.info, request)

@@ -1,26 +1,26 @@
-"""A deterministic test engine: the real worker thread and contract, a tone instead of a model.
+"""A deterministic test engine: the real batching worker and contract, a tone instead of a model.
 
 Used by tests (it can be slow, or fail, on demand) and by ``make load`` to measure the server alone.
-Its audio for a request is a pure function of (text, speaker_id, seed): tests compare what a client
-received with :meth:`FakeEngine.render` sample for sample.
+Like the model, it steps every active stream together: one ``frame_delay_s`` per step, whatever the
+number of streams in it. Its audio for a request is a pure function of (text, speaker_id, seed): tests
+compare what a client received with :meth:`FakeEngine.render` sample for sample.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import numpy as np
 
-from csmserve.engine import EngineInfo, SynthesisRequest
-from csmserve.engine.worker import ModelWorker, synthesize_on
-
-FRAME_MS = 80
+from csmserve.engine import Capacity, EngineInfo, SynthesisRequest
+from csmserve.engine.csm import FRAME_MS
+from csmserve.engine.scheduler import Piece, Row
+from csmserve.engine.worker import Frame, ModelWorker, Stream, synthesize_on
 
 
 class FakeEngine:
-    """Tones in 80 ms frames, one frame every ``frame_delay_s``; ``fail_at_frame`` raises there."""
+    """Tones in 80 ms frames, one step every ``frame_delay_s``; ``fail_at_frame`` raises there."""
 
     sample_rate = 24_000
     frame_size = 1920
@@ -33,6 +33,8 @@ class FakeEngine:
         fail_with: BaseException | None = None,
         load_delay_s: float = 0.0,
         max_queue: int = 64,
+        max_batch: int = 64,
+        max_lag_s: float = 10.0,
     ):
         self.frame_delay_s = frame_delay_s
         self.fail_at_frame = fail_at_frame
@@ -40,9 +42,14 @@ class FakeEngine:
         self.fail_with = fail_with
         self.load_delay_s = load_delay_s
         self.info = EngineInfo(name="fake", model="fake-tone", offline_model=True)
-        self._worker = ModelWorker(name="fake-worker", max_queued=max_queue)
+        self.info.extra["max_batch"] = max_batch
+        self._worker = ModelWorker(
+            self, name="fake-worker", max_batch=max_batch, max_queued=max_queue, max_lag_s=max_lag_s
+        )
         #: Frames computed per request id (tests check how many were made after a cancel).
         self.frames_made: dict[str | None, int] = {}
+        #: Rows in each decode step so far (tests check that streams were stepped together).
+        self.batch_sizes: list[int] = []
 
     async def start(self) -> None:
         self._worker.start()
@@ -53,7 +60,7 @@ class FakeEngine:
     async def close(self) -> None:
         self._worker.stop()
 
-    def capacity(self):
+    def capacity(self) -> Capacity:
         return self._worker.capacity()
 
     def num_frames(self, request: SynthesisRequest) -> int:
@@ -73,24 +80,41 @@ class FakeEngine:
         count = self.num_frames(request)
         return np.concatenate([self.frame(request, start_frame + i) for i in range(count)])
 
-    def _generate(self, request: SynthesisRequest, cancelled: threading.Event) -> Iterator[np.ndarray]:
-        key = request.request_id
-        self.frames_made.setdefault(key, 0)
-        carry = request.continuation
-        start = carry.engine_state or 0 if carry is not None else 0
-        for index in range(self.num_frames(request)):
-            if cancelled.is_set():
-                return
-            if self.frame_delay_s:
-                time.sleep(self.frame_delay_s)
-            if self.fail_at_frame is not None and index == self.fail_at_frame:
+    # -- the worker's StepModel: one piece per request, no prompt to prefill ---------------------------
+    def next_piece(self, stream: Stream) -> Piece | None:
+        if stream.state is not None:
+            return None
+        carry = stream.request.continuation
+        stream.state = carry.engine_state if carry is not None and carry.engine_state is not None else 0
+        self.frames_made.setdefault(stream.request.request_id, 0)
+        return Piece(length=0, max_frames=self.num_frames(stream.request))
+
+    def enter(self, stream: Stream, slot: int) -> None:
+        pass
+
+    def prefill(self, row: Row, start: int, length: int) -> None:
+        pass
+
+    def decode(self, rows: list[Row]) -> list[Frame | None]:
+        if self.frame_delay_s:
+            time.sleep(self.frame_delay_s)
+        self.batch_sizes.append(len(rows))
+        frames = []
+        for row in rows:
+            request = row.stream.request
+            if self.fail_at_frame is not None and row.frames == self.fail_at_frame:
                 if self.fail_with is not None:
                     raise self.fail_with
                 raise RuntimeError("injected model failure")
-            self.frames_made[key] += 1
-            if carry is not None:
-                carry.engine_state = start + index + 1
-            yield self.frame(request, start + index)
+            self.frames_made[request.request_id] += 1
+            index = row.stream.state + row.frames
+            frames.append(Frame([index], self.frame(request, index)))
+        return frames
+
+    def leave(self, stream: Stream, slot: int) -> None:
+        carry = stream.request.continuation
+        if carry is not None:  # where the tone's phase stands, for the stream's next request
+            carry.engine_state = stream.state + stream.frames
 
     async def encode(self, audio: np.ndarray) -> np.ndarray:
         """Stand-in codes ``(frames, 32)``: one frame per 1920 samples, derived from the audio."""
@@ -99,4 +123,4 @@ class FakeEngine:
         return np.full((frames, 32), level, dtype=np.int16)
 
     def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
-        return synthesize_on(self._worker, self.info, lambda cancelled: self._generate(request, cancelled))
+        return synthesize_on(self._worker, self.info, request)

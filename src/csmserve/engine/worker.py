@@ -1,29 +1,51 @@
-"""The one thread that owns the model, and the bounded channels that carry its output to the loop.
+"""The one thread that owns the model: it runs every active stream in batched steps, and hands each
+stream's audio to its coroutine without ever waiting on one.
 
-The event loop never runs the model. Each request is a job: a function that, given a cancel flag,
-returns an iterator of items (audio pieces). The worker runs jobs one at a time, in order, and hands
-each item to the requesting coroutine through a bounded ``asyncio.Queue``; a consumer that falls
-behind makes the worker wait (backpressure). Cancellation is a flag checked between two items, so
-at most one more frame is computed after a cancel.
+The event loop never runs the model. ``stream(request)`` queues a request (bounded: a full queue is
+:class:`Overloaded`); the thread admits it into a free slot when there is one, and from then on each
+step of the :class:`~csmserve.engine.scheduler.Scheduler`'s plan gives it one frame (or one chunk of
+its prompt's prefill). A frame goes to the stream's bounded channel only when the stream has credit
+(room in its channel); a stream without credit sits the step out but keeps its slot, so one slow
+reader never slows the batch, and after ``max_lag_s`` without credit it is dropped
+(:class:`ClientTooSlow`). Cancelling (closing the iterator) frees the row at the next step.
+
+An exception in a step ends the streams in that step with an error (classified: out of memory frees
+memory, a CUDA error marks the engine failed) and the worker goes on with the others and new ones.
+
+The model is plugged in as a :class:`StepModel`: the CSM adaptor (``csm.py``) or the fake tone
+generator (``fake.py``), so the server sees the same shape of work with either.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from csmserve.errors import CsmServeError, GenerationFailed, ModelFailed, NotReady, OutOfMemory, Overloaded
+import numpy as np
+
+from csmserve.engine import Capacity, SynthesisRequest
+from csmserve.engine.scheduler import Piece, Row, Scheduler, StepPlan
+from csmserve.errors import (
+    ClientTooSlow,
+    CsmServeError,
+    GenerationFailed,
+    ModelFailed,
+    NotReady,
+    OutOfMemory,
+    Overloaded,
+)
 
 log = logging.getLogger(__name__)
 
 _END = object()
+#: How long the idle thread sleeps between checks for cancelled or stalled streams.
+_TICK_S = 0.05
 
 
 @dataclass
@@ -32,29 +54,79 @@ class _Failure:
 
 
 @dataclass
-class Job:
-    make_items: Callable[[threading.Event], Iterator[Any]]
+class Frame:
+    """One frame a model made for a row: its codebook ids (the prefix cache's identity of the position
+    it is fed back at) and its audio, float32 mono."""
+
+    codes: list[int]
+    audio: np.ndarray
+
+
+class StepModel(Protocol):
+    """What the worker needs from a model. Every method runs on the worker thread."""
+
+    def next_piece(self, stream: Stream) -> Piece | None:
+        """The stream's next piece (the first when none has run), or ``None`` when its request is done."""
+
+    def enter(self, stream: Stream, slot: int) -> None:
+        """``stream`` starts on ``slot`` (set up per-slot state: the codec's)."""
+
+    def prefill(self, row: Row, start: int, length: int) -> None:
+        """Compute prompt positions ``start .. start+length-1`` of ``row``'s piece."""
+
+    def decode(self, rows: list[Row]) -> list[Frame | None]:
+        """One frame for each row (``None``: the row's piece ended, end of audio)."""
+
+    def leave(self, stream: Stream, slot: int) -> None:
+        """``stream`` leaves ``slot`` (keep what its continuation needs)."""
+
+
+@dataclass(eq=False)
+class Stream:
+    """One request crossing from the loop to the worker and back. ``state``: the model's own data."""
+
+    request: SynthesisRequest
     channel: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    credit: threading.Semaphore
     cancelled: threading.Event = field(default_factory=threading.Event)
-    #: Items the worker produced for this job (read by tests and metrics).
-    produced: int = 0
+    state: Any = None
+    stalled_since: float | None = None
+    frames: int = 0
 
 
 class ModelWorker:
-    """A daemon thread running jobs from a bounded queue. ``max_queued`` jobs may wait."""
+    """A daemon thread running batched steps for up to ``max_batch`` streams; ``max_queued`` may wait."""
 
-    def __init__(self, name: str = "csm-worker", max_queued: int = 64, setup: Callable[[], None] | None = None):
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queued)
+    def __init__(
+        self,
+        model: StepModel | None = None,
+        *,
+        name: str = "csm-worker",
+        max_batch: int = 1,
+        max_queued: int = 64,
+        prefill_chunk: int = 256,
+        prefix_reuse: bool = True,
+        max_lag_s: float = 10.0,
+        max_buffered: int = 8,
+        setup: Callable[[], None] | None = None,
+    ):
+        self.model = model
+        self.scheduler = Scheduler(max_batch, prefill_chunk, prefix_reuse)
+        self.max_lag_s = max_lag_s
+        self.max_buffered = max_buffered
+        self._streams: queue.Queue[Stream] = queue.Queue(maxsize=max_queued)
+        self._calls: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._wake = threading.Event()
         self._setup = setup
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = False
+        self._stopping = False
         #: Set when the device failed for good (a CUDA error): the engine reports it as not ready.
         self.fatal: str | None = None
-        self._running = False
-        #: Items produced by all jobs (monotonic: progress for the watchdog), and the last one's duration.
         self.steps = 0
         self.last_step_ms = 0.0
+        self.last_batch = 0
 
     def start(self) -> None:
         if not self._started:
@@ -63,90 +135,206 @@ class ModelWorker:
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._started:
-            self._jobs.put(None)
+            self._stopping = True
+            self._calls.put(None)
+            self._wake.set()
             self._thread.join(timeout)
 
-    @property
-    def queued(self) -> int:
-        return self._jobs.qsize()
-
-    def capacity(self):
-        """The worker's work as a :class:`~csmserve.engine.Capacity`: one request at a time."""
-        from csmserve.engine import Capacity
-
+    def capacity(self) -> Capacity:
+        rows = list(self.scheduler.rows)
+        prefilling = sum(1 for row in rows if row.prefilling)
         return Capacity(
-            max_batch=1, active=int(self._running), waiting=self.queued, steps=self.steps,
-            last_step_ms=self.last_step_ms, last_batch=int(self._running),
+            max_batch=self.scheduler.max_batch,
+            active=len(rows),
+            waiting=self._streams.qsize() + prefilling,
+            steps=self.steps,
+            last_step_ms=self.last_step_ms,
+            last_batch=self.last_batch,
         )
 
-    @property
-    def busy(self) -> bool:
-        """Whether a job is running now."""
-        return self._running
-
+    # -- the loop's side ----------------------------------------------------------------------------
     async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn()`` on the worker thread (after queued jobs) and return its result."""
-        results = [item async for item in self.stream(lambda _cancel: iter([fn()]))]
-        return results[0] if results else None
+        """Run ``fn()`` on the worker thread (between two steps) and return its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
 
-    async def stream(
-        self, make_items: Callable[[threading.Event], Iterator[Any]], max_buffered: int = 8
-    ) -> AsyncIterator[Any]:
-        """Submit a job and yield its items as they come. Raises :class:`Overloaded` when the queue
-        is full, :class:`GenerationFailed` (or the job's own :class:`CsmServeError`) when it raises.
-        Safe to cancel: leaving the loop early cancels the job between two items."""
-        job = Job(make_items, asyncio.Queue(maxsize=max_buffered), asyncio.get_running_loop())
+        def run() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+        self._calls.put(run)
+        self._wake.set()
+        return await future
+
+    async def stream(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
+        """Queue ``request`` and yield its audio as it comes. Raises :class:`Overloaded` when the queue
+        is full, the step's :class:`CsmServeError` when generation fails. Safe to cancel: leaving the
+        loop early frees the stream's row at the next step."""
+        stream = Stream(
+            request,
+            asyncio.Queue(maxsize=self.max_buffered + 2),  # credit bounds the frames; + room for the end
+            asyncio.get_running_loop(),
+            threading.Semaphore(self.max_buffered),
+        )
         try:
-            self._jobs.put_nowait(job)
+            self._streams.put_nowait(stream)
         except queue.Full:
             raise Overloaded("the server is busy; try again shortly") from None
+        self._wake.set()
         try:
             while True:
-                item = await job.channel.get()
+                item = await stream.channel.get()
                 if item is _END:
                     return
                 if isinstance(item, _Failure):
                     raise item.error
+                stream.credit.release()
+                self._wake.set()
                 yield item
         finally:
-            job.cancelled.set()
+            stream.cancelled.set()
+            self._wake.set()
 
-    # -- worker thread -----------------------------------------------------------------------
+    # -- the worker thread ----------------------------------------------------------------------------
     def _run(self) -> None:
         if self._setup is not None:
             self._setup()
-        while True:
-            job = self._jobs.get()
-            if job is None:
+        while not self._stopping:
+            self._run_calls()
+            if self._stopping:
                 return
-            if job.cancelled.is_set():
+            self._drop_cancelled_and_stalled()
+            self._admit()
+            plan = self.scheduler.plan(self._take_credit)
+            if plan.empty:
+                self._wake.wait(_TICK_S)
+                self._wake.clear()
+                self.steps += 1  # alive and idle: progress for the watchdog
                 continue
-            self._running = True
+            started = time.monotonic()
+            self._step(plan)
+            self.last_step_ms = 1000 * (time.monotonic() - started)
+            self.last_batch = len(plan.decode)
+            self.steps += 1
+
+    def _run_calls(self) -> None:
+        while True:
             try:
-                items = job.make_items(job.cancelled)
-                try:
-                    started = time.monotonic()
-                    for item in items:  # the cancel flag is checked between two items (frames)
-                        job.produced += 1
-                        self.steps += 1
-                        self.last_step_ms = 1000 * (time.monotonic() - started)
-                        if job.cancelled.is_set() or not self._deliver(job, item):
-                            break
-                        started = time.monotonic()
-                finally:
-                    close = getattr(items, "close", None)
-                    if close is not None:
-                        close()
-                self._deliver(job, _END)
-            except BaseException as exc:  # noqa: BLE001 - a failing job must not kill the worker
-                error = self._classify(exc)
-                log.error("job failed: %s", error.message, exc_info=not isinstance(exc, CsmServeError))
-                self._deliver(job, _Failure(error))
-            finally:
-                self._running = False
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if call is None:
+                self._stopping = True
+                self._fail_all(NotReady("the server is shutting down"))
+                return
+            call()
+
+    def _admit(self) -> None:
+        while self.scheduler.free_slots():
+            try:
+                stream = self._streams.get_nowait()
+            except queue.Empty:
+                return
+            if stream.cancelled.is_set():
+                continue
+            row = Row(stream)
+            try:
+                piece = self.model.next_piece(stream)
+                if piece is None:
+                    self._send(stream, _END)
+                    continue
+                self.scheduler.place(row, piece)
+                self.model.enter(stream, row.slot)
+            except BaseException as exc:  # noqa: BLE001 - this request fails, the worker goes on
+                self._end(row, self._classify(exc))
+
+    def _take_credit(self, row: Row) -> bool:
+        stream = row.stream
+        if stream.credit.acquire(blocking=False):
+            stream.stalled_since = None
+            return True
+        if stream.stalled_since is None:
+            stream.stalled_since = time.monotonic()
+        return False
+
+    def _drop_cancelled_and_stalled(self) -> None:
+        now = time.monotonic()
+        for row in list(self.scheduler.rows):
+            stream = row.stream
+            if stream.cancelled.is_set():
+                self._end(row, None)
+            elif stream.stalled_since is not None and now - stream.stalled_since > self.max_lag_s:
+                self._end(row, ClientTooSlow(f"the client read no audio for {self.max_lag_s:g} s; its stream was dropped"))
+
+    def _step(self, plan: StepPlan) -> None:
+        rows = plan.decode + ([plan.prefill[0]] if plan.prefill else [])
+        try:
+            if plan.prefill is not None:
+                row, start, length = plan.prefill
+                self.model.prefill(row, start, length)
+                self.scheduler.prefilled(row, start, length)
+            frames = self.model.decode(plan.decode) if plan.decode else []
+        except BaseException as exc:  # noqa: BLE001 - the step's streams fail, the worker goes on
+            error = self._classify(exc)
+            log.error("step failed for %d streams: %s", len(rows), error.message, exc_info=not isinstance(exc, CsmServeError))
+            for row in rows:
+                self._end(row, error, keep_cache=False)
+            return
+        for row, frame in zip(plan.decode, frames):
+            if frame is None:
+                row.stream.credit.release()  # nothing was sent
+                self._next_piece(row)
+                continue
+            self.scheduler.decoded(row, frame.codes)
+            row.stream.frames += 1
+            self._send(row.stream, frame.audio)
+            if row.frames >= row.piece.max_frames:
+                self._next_piece(row)
+
+    def _next_piece(self, row: Row) -> None:
+        try:
+            piece = self.model.next_piece(row.stream)
+        except BaseException as exc:  # noqa: BLE001
+            self._end(row, self._classify(exc))
+            return
+        if piece is None:
+            self._end(row, None)
+        else:
+            self.scheduler.begin(row, piece)
+
+    def _end(self, row: Row, error: CsmServeError | None, *, keep_cache: bool = True) -> None:
+        """The stream is done (``error``: how it failed): free its row and tell its consumer."""
+        if row.slot >= 0 and row in self.scheduler.rows:
+            try:
+                self.model.leave(row.stream, row.slot)
+            except BaseException:  # noqa: BLE001 - leaving must never stop the worker
+                log.exception("freeing a stream's slot failed")
+                keep_cache = False
+        self.scheduler.release(row, keep_cache=keep_cache)
+        self._send(row.stream, _END if error is None else _Failure(error))
+
+    def _fail_all(self, error: CsmServeError) -> None:
+        for row in list(self.scheduler.rows):
+            self._end(row, error)
+        while True:
+            try:
+                self._send(self._streams.get_nowait(), _Failure(error))
+            except queue.Empty:
+                return
+
+    @staticmethod
+    def _send(stream: Stream, item: Any) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream.channel.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening
+            stream.cancelled.set()
 
     def _classify(self, exc: BaseException) -> CsmServeError:
-        """Map a job's exception to the error its client gets; free memory after an OOM."""
+        """Map a step's exception to the error its clients get; free memory after an OOM."""
         if isinstance(exc, CsmServeError):
             return exc
         if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
@@ -155,37 +343,29 @@ class ModelWorker:
             torch = sys.modules.get("torch")
             if torch is not None and torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            return OutOfMemory("out of memory while generating this request; it was stopped and memory freed, retry")
+            return OutOfMemory("out of memory while generating; the streams in that step were stopped and memory freed, retry")
         if "CUDA error" in str(exc) or "device-side assert" in str(exc):
             self.fatal = f"the GPU failed: {exc}"
             return ModelFailed(f"the GPU failed ({exc}); the server needs a restart")
         return GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}")
 
-    def _deliver(self, job: Job, item: Any) -> bool:
-        """Hand ``item`` to the job's consumer, waiting while its channel is full. False if cancelled."""
-        try:
-            future = asyncio.run_coroutine_threadsafe(job.channel.put(item), job.loop)
-        except RuntimeError:  # the loop is closed
-            return False
-        while True:
-            try:
-                future.result(timeout=0.05)
-                return True
-            except concurrent.futures.TimeoutError:
-                if job.cancelled.is_set():
-                    future.cancel()
-                    return False
-            except (concurrent.futures.CancelledError, RuntimeError):
-                return False
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
-async def synthesize_on(worker: ModelWorker, info, make_items: Callable[[threading.Event], Iterator[Any]]) -> AsyncIterator[Any]:
-    """An engine's ``synthesize``: refuse before the model is ready, stream the job's items, and mark
+async def synthesize_on(worker: ModelWorker, info, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
+    """An engine's ``synthesize``: refuse before the model is ready, stream the request's audio, and mark
     the engine failed (``info.failed``) once the device has failed for good."""
     if not info.ready:
         raise NotReady("the model is still loading; retry when /health says healthy")
     try:
-        async for item in worker.stream(make_items):
+        async for item in worker.stream(request):
             yield item
     finally:
         if worker.fatal:

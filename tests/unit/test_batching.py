@@ -1,0 +1,225 @@
+"""Continuous batching: every active stream is stepped together, and each stream's codes and audio are
+what it would have got alone (offline checkpoint, float32)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+from csmserve.config import Settings
+from csmserve.engine import Continuation, SynthesisRequest
+from csmserve.engine.csm import CsmEngine
+from csmserve.engine.loading import load_csm
+
+TEXTS = [
+    "Hi.",
+    "A somewhat longer sentence, so this prompt has more positions.",
+    "Medium length text here.",
+    "The last one joins late and runs until its budget ends, which is short.",
+]
+
+
+class Recording:
+    """The engine's step model, recording what each step did: a wrapper, not a mock (it delegates)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.codes: dict[str, list[list[int]]] = defaultdict(list)
+        self.steps: list[tuple[str | None, list[str]]] = []  # (prefilled request, decoded requests)
+        self._prefilled: str | None = None
+
+    def next_piece(self, stream):
+        return self.inner.next_piece(stream)
+
+    def enter(self, stream, slot):
+        self.inner.enter(stream, slot)
+
+    def leave(self, stream, slot):
+        self.inner.leave(stream, slot)
+
+    def prefill(self, row, start, length):
+        if self._prefilled is not None:  # the previous step prefilled and decoded nothing
+            self.steps.append((self._prefilled, []))
+        self._prefilled = row.stream.request.request_id
+        self.inner.prefill(row, start, length)
+
+    def decode(self, rows):
+        frames = self.inner.decode(rows)
+        self.steps.append((self._prefilled, [row.stream.request.request_id for row in rows]))
+        self._prefilled = None
+        for row, frame in zip(rows, frames):
+            if frame is not None:
+                self.codes[row.stream.request.request_id].append(frame.codes)
+        return frames
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_csm(str(tiny_model_dir), "cpu", "float32")
+
+
+def greedy(loaded):
+    """The same weights with greedy generation configs (both stages)."""
+    loaded.model.generation_config.do_sample = False
+    loaded.model.depth_decoder.generation_config.do_sample = False
+
+
+async def started(loaded, **overrides) -> tuple[CsmEngine, Recording]:
+    settings = Settings(device="cpu", dtype="float32", warmup=False, max_batch=4, prefill_chunk=8, **overrides)
+    engine = CsmEngine(settings, loaded=loaded)
+    await engine.start()
+    recording = Recording(engine._worker.model)
+    engine._worker.model = recording
+    return engine, recording
+
+
+async def collect(engine, request, *, stop_after: int | None = None, joined: asyncio.Event | None = None):
+    pieces = []
+    stream = engine.synthesize(request)
+    try:
+        async for piece in stream:
+            pieces.append(piece)
+            if joined is not None and len(pieces) == 1:
+                joined.set()
+            if stop_after is not None and len(pieces) >= stop_after:
+                break
+    finally:
+        await stream.aclose()
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+
+
+def requests(seed=None):
+    budgets = [3200, 3200, 3200, 6 * 80]  # the last one ends by its budget
+    return [
+        SynthesisRequest(text=t, max_audio_ms=b, request_id=f"r{i}", seed=seed)
+        for i, (t, b) in enumerate(zip(TEXTS, budgets))
+    ]
+
+
+async def run_batched(engine, reqs, cancel_after: dict[str, int]):
+    """Start the requests one after another, each joining once the previous one has audio (so they join at
+    different steps); ``cancel_after``: request id -> frames after which its client hangs up."""
+    tasks = []
+    for request in reqs:
+        joined = asyncio.Event()
+        tasks.append(asyncio.create_task(collect(engine, request, stop_after=cancel_after.get(request.request_id), joined=joined)))
+        await asyncio.wait_for(joined.wait(), 60)
+    return await asyncio.gather(*tasks)
+
+
+async def test_batched_greedy_codes_equal_each_requests_solo_codes(loaded):
+    """Four greedy requests of different prompt lengths, joining at different steps (one cancelled midway,
+    one ended by its budget), generate exactly the codes each generates alone."""
+    greedy(loaded)
+    engine, recording = await started(loaded)
+    try:
+        await run_batched(engine, requests(), cancel_after={"r1": 5})
+        batched = dict(recording.codes)
+        assert max(len(rows) for _, rows in recording.steps) >= 3  # they really shared steps
+        recording.codes.clear()
+        for request in requests():
+            await collect(engine, request)
+        solo = dict(recording.codes)
+    finally:
+        await engine.close()
+    assert len(batched["r3"]) == 6  # its budget
+    assert 5 <= len(batched["r1"]) < len(solo["r1"])  # cancelled: at most one frame made after the hang-up
+    assert batched["r1"] == solo["r1"][: len(batched["r1"])]
+    for rid in ("r0", "r2", "r3"):
+        assert batched[rid] == solo[rid], rid
+
+
+async def test_seeded_request_gets_the_same_codes_alone_and_in_a_batch_of_four(tiny_model_dir):
+    """Per-row random streams: a seeded request samples the same frames whoever shares its steps."""
+    loaded = load_csm(str(tiny_model_dir), "cpu", "float32")
+    engine, recording = await started(loaded)
+    try:
+        alone = await collect(engine, requests(seed=11)[2])
+        solo_codes = list(recording.codes["r2"])
+        recording.codes.clear()
+        reqs = requests(seed=11)
+        reqs = [SynthesisRequest(text=r.text, max_audio_ms=r.max_audio_ms, request_id=r.request_id, seed=s)
+                for r, s in zip(reqs, (5, 6, 11, 7))]
+        outputs = await asyncio.gather(*(collect(engine, r) for r in reqs))
+    finally:
+        await engine.close()
+    assert recording.codes["r2"] == solo_codes
+    # The codec's batched convolutions may round differently from a batch of one: equal within float32 noise.
+    assert outputs[2].shape == alone.shape and np.abs(outputs[2] - alone).max() < 1e-4
+    assert outputs[0].shape != outputs[2].shape or not np.array_equal(outputs[0], outputs[2])
+
+
+async def test_each_rows_streamed_audio_equals_its_one_shot_decode(loaded):
+    """Through joins and leaves of the codec batch, a row's streamed audio is the one-shot Mimi decode of its codes."""
+    greedy(loaded)
+    engine, recording = await started(loaded)
+    try:
+        audio = await run_batched(engine, requests(), cancel_after={"r0": 3})
+    finally:
+        await engine.close()
+    codec = loaded.model.codec_model
+    for request, streamed in zip(requests(), audio):
+        codes = torch.tensor(recording.codes[request.request_id]).T[None]  # (1, 32, frames)
+        with torch.inference_mode():
+            reference = codec.decode(codes).audio_values[0, 0].float()
+        assert streamed.shape == reference.shape
+        assert np.abs(streamed - reference.numpy()).max() < 1e-4
+
+
+async def test_a_long_prompt_joins_in_chunks_without_stopping_the_others(loaded):
+    """While a long prompt is prefilled chunk by chunk, the stream already talking gets a frame every step."""
+    greedy(loaded)
+    engine, recording = await started(loaded)
+    try:
+        talking = SynthesisRequest(text="Talking already.", max_audio_ms=4000, request_id="talking")
+        long_text = "This prompt is long: " + "many words follow, " * 12
+        joining = SynthesisRequest(text=long_text, max_audio_ms=400, request_id="joining")
+        joined = asyncio.Event()
+        first = asyncio.create_task(collect(engine, talking, joined=joined))
+        await asyncio.wait_for(joined.wait(), 60)
+        await collect(engine, joining)
+        await first
+    finally:
+        await engine.close()
+    prefill_steps = [rows for prefilled, rows in recording.steps if prefilled == "joining"]
+    assert len(prefill_steps) >= 5  # the prompt took several chunks of 8 positions
+    assert all("talking" in rows for rows in prefill_steps)
+
+
+async def test_a_text_stream_continues_its_codec_state_across_requests(loaded):
+    """Two requests of one text stream (a Continuation) decode as one utterance: no seam between them."""
+    greedy(loaded)
+    engine, recording = await started(loaded)
+    carry = Continuation()
+    try:
+        first = await collect(engine, SynthesisRequest(text="First part.", max_audio_ms=480, request_id="a", continuation=carry))
+        second = await collect(engine, SynthesisRequest(text="Second part.", max_audio_ms=480, request_id="b", continuation=carry))
+    finally:
+        await engine.close()
+    codes = torch.tensor(recording.codes["a"] + recording.codes["b"]).T[None]
+    with torch.inference_mode():
+        reference = loaded.model.codec_model.decode(codes).audio_values[0, 0].float().numpy()
+    assert np.abs(np.concatenate([first, second]) - reference).max() < 1e-4
+
+
+async def test_capacity_reports_rows_and_steps(loaded):
+    """capacity() counts active rows and free slots while streams run, and steps keep counting."""
+    engine, _ = await started(loaded)
+    try:
+        before = engine.capacity()
+        seen = []
+
+        async def watch():
+            async for _ in engine.synthesize(SynthesisRequest(text="Watch me.", max_audio_ms=800)):
+                seen.append(engine.capacity())
+
+        await asyncio.gather(watch(), watch())
+    finally:
+        await engine.close()
+    assert before.max_batch == 4 and before.active == 0 and before.free_slots == 4
+    assert max(c.active for c in seen) == 2 and min(c.free_slots for c in seen) == 2
+    assert seen[-1].steps > before.steps and max(c.last_batch for c in seen) == 2
