@@ -24,7 +24,13 @@ class Metrics:
             "csm_real_time_factor", "Generation time / audio duration per request (<1 is faster than real time).",
             buckets=RTF_BUCKETS, registry=r,
         )
-        self.queue_depth = Gauge("csm_queue_depth", "Requests waiting for the model worker.", registry=r)
+        self.queue_depth = Gauge(
+            "csm_queue_depth", "Requests waiting for a row of the engine (queued or prefilling).", registry=r
+        )
+        self.engine_rows = Gauge("csm_engine_rows", "Streams in the engine's batch now.", registry=r)
+        self.engine_free_slots = Gauge("csm_engine_free_slots", "Rows the engine's batch can still take.", registry=r)
+        self.engine_step_ms = Gauge("csm_engine_step_milliseconds", "Duration of the engine's last step.", registry=r)
+        self.engine_batch = Gauge("csm_engine_batch_size", "Streams decoded in the engine's last step.", registry=r)
         self.active_streams = Gauge("csm_active_streams", "Requests streaming now.", registry=r)
         self.requests = Counter("csm_requests", "Requests by outcome.", ["endpoint", "outcome"], registry=r)
         self.audio_seconds = Counter("csm_audio_seconds", "Seconds of audio produced.", registry=r)
@@ -34,6 +40,14 @@ class Metrics:
         for endpoint in ("ws", "rest", "openai"):
             for outcome in OUTCOMES:
                 self.requests.labels(endpoint, outcome)
+
+    def watch_capacity(self, capacity: Callable[[], object]) -> None:
+        """Export the engine's :class:`~csmserve.engine.Capacity` at scrape time."""
+        self.queue_depth.set_function(lambda: capacity().waiting)
+        self.engine_rows.set_function(lambda: capacity().active)
+        self.engine_free_slots.set_function(lambda: capacity().free_slots)
+        self.engine_step_ms.set_function(lambda: capacity().last_step_ms)
+        self.engine_batch.set_function(lambda: capacity().last_batch)
 
     def watch_prefill(self, counts: Callable[[], dict[str, int]]) -> None:
         """Export ``counts()`` (positions ``computed``/``reused``) as ``csm_prefill_positions_total``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import httpx
 import numpy as np
@@ -168,3 +169,30 @@ async def test_websocket_request_while_loading_gets_not_ready(settings_factory):
             with pytest.raises(ServerError) as caught:
                 await client.synthesize(TEXT)
     assert caught.value.code == "not_ready"
+
+
+async def test_health_and_metrics_report_the_engines_rows_and_free_slots(settings_factory):
+    """While two streams run, /health and /metrics show 2 active rows, the free slots and the last batch size."""
+    import asyncio
+
+    import websockets
+
+    engine = FakeEngine(frame_delay_s=0.05, max_batch=4)
+    with running_server(settings_factory(engine="fake"), engine) as server:
+        sockets = [await websockets.connect(server.ws) for _ in range(2)]
+        try:
+            for ws in sockets:
+                await ws.send(json.dumps({"text": "A long enough text to keep streaming for a while. " * 4}))
+            for ws in sockets:
+                await ws.recv()
+            await asyncio.sleep(0.2)  # both rows in the batch for a few steps
+            async with httpx.AsyncClient() as http:
+                health = (await http.get(server.http + "/health")).json()["capacity"]
+                metrics = (await http.get(server.http + "/metrics")).text
+        finally:
+            for ws in sockets:
+                await ws.close()
+    assert health["max_batch"] == 4 and health["active_rows"] == 2 and health["free_slots"] == 2
+    assert health["last_batch"] == 2 and health["queue_depth"] == 0
+    assert "csm_engine_rows 2.0" in metrics and "csm_engine_free_slots 2.0" in metrics
+    assert "csm_engine_batch_size 2.0" in metrics

@@ -92,7 +92,7 @@ def create_app(
         metrics=Metrics(),
         keys=KeyChecker(settings.api_keys),
     )
-    state.metrics.queue_depth.set_function(lambda: engine.capacity().waiting)
+    state.metrics.watch_capacity(engine.capacity)
     if hasattr(engine, "prefill_positions"):
         state.metrics.watch_prefill(lambda: engine.prefill_positions)
     if not state.keys.enabled:

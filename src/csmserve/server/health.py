@@ -10,6 +10,18 @@ router = APIRouter()
 OFFLINE_VOICE = "offline model: random weights, the audio is noise"
 
 
+def capacity_fields(capacity) -> dict:
+    """What the engine is doing, for an operator and a load balancer: rows, free slots, queue, last step."""
+    return {
+        "max_batch": capacity.max_batch,
+        "active_rows": capacity.active,
+        "free_slots": capacity.free_slots,
+        "queue_depth": capacity.waiting,
+        "last_step_ms": round(capacity.last_step_ms, 2),
+        "last_batch": capacity.last_batch,
+    }
+
+
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     state = request.app.state.csm
@@ -33,6 +45,7 @@ async def health(request: Request) -> JSONResponse:
         "voice": OFFLINE_VOICE if info.offline_model else "real",
         "sample_rate": state.engine.sample_rate,
         **info.extra,
+        "capacity": capacity_fields(state.engine.capacity()),
     }
     if state.load_error is not None:
         body["error"] = state.load_error.to_dict()
