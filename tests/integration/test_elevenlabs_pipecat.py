@@ -51,6 +51,41 @@ class Recorder(FrameProcessor):
         raise AssertionError(f"no {kind.__name__} arrived")
 
 
+async def run_pipeline(tts: ElevenLabsTTSService, script) -> Recorder:
+    """Run ``tts`` in a real pipeline while ``script(worker, recorder)`` plays the LLM; it must end the pipeline."""
+    recorder = Recorder()
+    worker = PipelineWorker(Pipeline([tts, recorder]), cancel_on_idle_timeout=False, params=PipelineParams())
+    started = asyncio.Event()
+
+    @worker.event_handler("on_pipeline_started")
+    async def _started(_worker, _frame):
+        started.set()
+
+    async def play():
+        await asyncio.wait_for(started.wait(), 10)
+        await script(worker, recorder)
+
+    runner = WorkerRunner()
+    await runner.add_workers(worker)
+    await asyncio.wait_for(asyncio.gather(runner.run(), play()), 60)
+    return recorder
+
+
+def llm_turn(texts: list[str], end: bool = True) -> list:
+    return [LLMFullResponseStartFrame(), *(LLMTextFrame(t) for t in texts), *([LLMFullResponseEndFrame()] if end else [])]
+
+
+async def speak_one_turn(tts: ElevenLabsTTSService, texts: list[str]) -> list:
+    """Run ``tts`` in a pipeline for one LLM turn of ``texts``; every frame that reached the end."""
+
+    async def script(worker, recorder):
+        await worker.queue_frames(llm_turn(texts))
+        await recorder.wait_for(TTSStoppedFrame)
+        await worker.queue_frame(EndFrame())
+
+    return (await run_pipeline(tts, script)).frames
+
+
 async def test_pipecat_agent_speaks_two_turns_and_is_interrupted_in_the_second(settings_factory):
     """Turn one (LLM text, then its end) is spoken whole, words timed; turn two is interrupted after its first
     audio, and the server stops generating it."""
@@ -60,38 +95,27 @@ async def test_pipecat_agent_speaks_two_turns_and_is_interrupted_in_the_second(s
             api_key="unused", url=f"ws://127.0.0.1:{server.port}", sample_rate=24000,
             settings=ElevenLabsTTSService.Settings(voice="0"),
         )  # fmt: skip
-        recorder = Recorder()
-        worker = PipelineWorker(Pipeline([tts, recorder]), cancel_on_idle_timeout=False, params=PipelineParams())
-        started = asyncio.Event()
+        second = 0
 
-        @worker.event_handler("on_pipeline_started")
-        async def _started(_worker, _frame):
-            started.set()
-
-        async def conversation():
-            await asyncio.wait_for(started.wait(), 10)
-            turn = [LLMFullResponseStartFrame(), *(LLMTextFrame(t) for t in FIRST_TURN), LLMFullResponseEndFrame()]
-            await worker.queue_frames(turn)
+        async def conversation(worker, recorder):
+            nonlocal second
+            await worker.queue_frames(llm_turn(FIRST_TURN))
             await recorder.wait_for(TTSStoppedFrame)
             second = len(recorder.frames)
-            await worker.queue_frames([LLMFullResponseStartFrame(), *(LLMTextFrame(t) for t in SECOND_TURN)])
+            await worker.queue_frames(llm_turn(SECOND_TURN, end=False))
             await recorder.wait_for(TTSAudioRawFrame, since=second)
             await worker.queue_frame(InterruptionFrame())
             await asyncio.sleep(0.5)
             await worker.queue_frame(EndFrame())
-            return second
 
-        runner = WorkerRunner()
-        await runner.add_workers(worker)
-        _, second = await asyncio.wait_for(asyncio.gather(runner.run(), conversation()), 60)
-
-        first_audio = [f for f in recorder.frames[:second] if isinstance(f, TTSAudioRawFrame)]
+        frames = (await run_pipeline(tts, conversation)).frames
+        first_audio = [f for f in frames[:second] if isinstance(f, TTSAudioRawFrame)]
         first_id = first_audio[0].context_id
         assert b"".join(f.audio for f in first_audio) == await ws_generate_audio(server, "".join(FIRST_TURN).strip(), seed=0)
-        words = [f.text for f in recorder.frames[:second] if isinstance(f, TTSTextFrame)]
+        words = [f.text for f in frames[:second] if isinstance(f, TTSTextFrame)]
         assert words == "Hello there. How are you today?".split()
 
-        second_id = next(f.context_id for f in recorder.frames[second:] if isinstance(f, TTSAudioRawFrame))
+        second_id = next(f.context_id for f in frames[second:] if isinstance(f, TTSAudioRawFrame))
         made = engine.frames_made[second_id]
         await asyncio.sleep(0.3)
         assert engine.frames_made[second_id] == made  # nothing more generated after the barge-in

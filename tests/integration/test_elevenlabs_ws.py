@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 from urllib.parse import urlencode
 
+import av
 import numpy as np
 import pytest
 import websockets
@@ -253,3 +255,49 @@ async def test_api_key_in_the_first_message_or_header(settings_factory):
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
         assert message["error"] == "invalid_api_key" and closed.value.rcvd.code == 1008
+
+
+async def test_livekit_plugin_message_sequence_is_spoken(fake_server):
+    """LiveKit's elevenlabs plugin: its URL (base_url with ws://, its query), an opening with empty voice_settings,
+    each sentence flushed, then "" with flush and close_context: mp3 audio at 22.05 kHz, then isFinal."""
+    query = (
+        "model_id=eleven_turbo_v2_5&output_format=mp3_22050_32&enable_ssml_parsing=false&enable_logging=true"
+        "&inactivity_timeout=180&apply_text_normalization=auto&sync_alignment=true&auto_mode=true"
+    )
+    url = fake_server.http.replace("http://", "ws://") + "/v1/text-to-speech/0/multi-stream-input?" + query
+    async with websockets.connect(url, additional_headers={"xi-api-key": "unused"}) as ws:
+        await ws.send(json.dumps({"text": " ", "voice_settings": {}, "context_id": "lk1"}))
+        for sentence in ("Hello there, how are you today? ", "I am fine, thank you. "):
+            await ws.send(json.dumps({"text": sentence, "context_id": "lk1", "flush": True}))
+        await ws.send(json.dumps({"text": "", "context_id": "lk1", "flush": True}))
+        await ws.send(json.dumps({"context_id": "lk1", "close_context": True}))
+        messages = (await receive_until_final(ws, {"lk1"}))["lk1"]
+    with av.open(io.BytesIO(audio_of(messages))) as container:
+        stream = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(stream))
+        assert stream.rate == 22050
+    expected = sum(
+        len(fake_server.engine.render(SynthesisRequest(s, max_audio_ms=90_000)))
+        for s in ("Hello there, how are you today?", "I am fine, thank you.")
+    )
+    assert samples / 22050 == pytest.approx(expected / 24000, abs=0.1)
+
+
+async def test_a_full_server_refuses_a_context_with_1013(settings_factory):
+    """When every stream slot is taken, a context that starts speaking gets too_many_concurrent_requests and 1013."""
+    import httpx
+
+    with running_server(settings_factory(engine="fake", max_streams=1), FakeEngine(frame_delay_s=0.05)) as server:
+        long_text = " ".join(f"Sentence number {i} is here." for i in range(20))
+        with httpx.stream("POST", server.http + "/v1/text-to-speech/0/stream", json={"text": long_text}) as held:
+            assert held.status_code == 200
+            async with websockets.connect(el_url(server)) as ws:
+                await ws.send(json.dumps({"text": "Hello. ", "context_id": "a", "flush": True}))
+                message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), 10)
+            refused = httpx.post(server.http + "/v1/text-to-speech/0", json={"text": "Hi."})
+        assert message["error"] == "too_many_concurrent_requests" and message["code"] == 1013
+        assert closed.value.rcvd.code == 1013
+        assert refused.status_code == 429 and refused.json()["detail"]["status"] == "too_many_concurrent_requests"
+        assert httpx.post(server.http + "/v1/text-to-speech/0?output_format=pcm_24000", json={"text": "Hi."}).content
