@@ -224,18 +224,36 @@ async def test_bad_query_parameters_are_refused_with_an_error(fake_server, query
         json.dumps({"text": " ", "context_id": "a", "generation_config": {"chunk_length_schedule": [10]}}),
         json.dumps({"text": "hi", "context_id": "a", "speed": 2}),
         json.dumps({"close_context": True}),
+        b"\x00binary",
     ],
 )
-async def test_a_bad_message_is_an_error_and_the_socket_stays_usable(fake_server, bad):
-    """A malformed message gets an invalid_input_message error; the next context is spoken normally."""
-    async with websockets.connect(el_url(fake_server)) as ws:
+async def test_a_bad_message_is_an_error_and_nothing_is_lost(fake_server, bad):
+    """A malformed message gets an invalid_input_message error; the socket stays open and text buffered before
+    it is still spoken, whole."""
+    async with websockets.connect(el_url(fake_server, auto_mode="true")) as ws:
+        await ws.send(json.dumps({"text": "Hello there, how are you ", "context_id": "ok"}))
         await ws.send(bad)
         message = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert message["error"] == "invalid_input_message" and message["code"] == 1008
-        await ws.send(json.dumps({"text": "Fine. ", "context_id": "ok", "flush": True}))
+        await ws.send(json.dumps({"text": "today? I am fine, thank you.", "context_id": "ok", "flush": True}))
         await ws.send(json.dumps({"context_id": "ok", "close_context": True}))
         messages = await receive_until_final(ws, {"ok"})
-    assert audio_of(messages["ok"])
+    assert audio_of(messages["ok"]) == await ws_generate_audio(fake_server, FIRST, seed=0)
+
+
+async def test_stream_input_bad_messages_are_errors_and_too_large_ones_too(settings_factory):
+    """stream-input: a context_id, or a message over CSM_MAX_MESSAGE_BYTES, is an error; the stream goes on."""
+    with running_server(settings_factory(engine="fake", max_message_bytes=1024), FakeEngine()) as server:
+        async with websockets.connect(el_url(server, multi=False)) as ws:
+            await ws.send(json.dumps({"text": " "}))
+            await ws.send(json.dumps({"text": "Hi. ", "context_id": "x"}))
+            assert "multi-stream-input" in json.loads(await asyncio.wait_for(ws.recv(), 10))["message"]
+            await ws.send(json.dumps({"text": "x" * 2000}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["error"] == "message_too_large"
+            await ws.send(json.dumps({"text": "Still speaking. "}))
+            await ws.send(json.dumps({"text": ""}))
+            messages = (await receive_until_final(ws, {None}))[None]
+    assert len(audio_of(messages)) == 2 * len(server.engine.render(SynthesisRequest("Still speaking.", max_audio_ms=90_000)))
 
 
 async def test_api_key_in_the_first_message_or_header(settings_factory):
@@ -301,3 +319,13 @@ async def test_a_full_server_refuses_a_context_with_1013(settings_factory):
         assert closed.value.rcvd.code == 1013
         assert refused.status_code == 429 and refused.json()["detail"]["status"] == "too_many_concurrent_requests"
         assert httpx.post(server.http + "/v1/text-to-speech/0?output_format=pcm_24000", json={"text": "Hi."}).content
+
+
+async def test_a_context_with_the_offline_csm(csm_server):
+    """The real engine (offline checkpoint) speaks a context's two sentences as one stream, then isFinal."""
+    async with websockets.connect(el_url(csm_server, auto_mode="true", output_format="pcm_16000")) as ws:
+        await ws.send(json.dumps({"text": "Hi there. How are you? ", "context_id": "c", "flush": True}))
+        await ws.send(json.dumps({"context_id": "c", "close_context": True}))
+        messages = (await receive_until_final(ws, {"c"}))["c"]
+    assert len([m for m in messages if m.get("alignment")]) == 2
+    assert len(audio_of(messages)) >= 2 * 16000 * 0.16  # at least two 80 ms frames

@@ -167,6 +167,8 @@ def _context_id(data: dict) -> str | None:
 
 def parse_message(raw: str | bytes | None, max_text_chars: int) -> ClientMessage:
     """One client frame as a typed message, or :class:`InvalidRequest` saying what is wrong."""
+    if not isinstance(raw, str):
+        raise InvalidRequest('expected a JSON text frame such as {"text": "Hello ", "context_id": "c1"}, got binary data')
     data = parse_json_object(raw)
     unknown = sorted(set(data) - KNOWN_FIELDS)
     if unknown:

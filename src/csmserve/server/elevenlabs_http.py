@@ -54,11 +54,13 @@ class Speech:
         self.seed, self.previous = seed, previous
 
     def _context(self) -> list[dict] | None:
+        """``previous_text`` as a text-only turn of the speaker (a registered voice's own speaker id)."""
         if not self.previous:
             return None
         speaker = self.fields.get("speaker_id")
         if speaker is None:
-            speaker = self.state.voices.get(self.fields["voice"]).speaker_id
+            voice = self.state.voices.get(self.fields["voice"])
+            speaker = voice.speaker_id if voice is not None else 0  # deleted meanwhile: the request fails anyway
         return [{"speaker_id": speaker, "text": self.previous[: self.state.settings.max_text_chars]}]
 
     async def pieces(self) -> AsyncIterator[Piece]:

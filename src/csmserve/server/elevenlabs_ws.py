@@ -146,6 +146,7 @@ class ContextRunner:
             tail = audio.finish()
             if tail:
                 await conn.send_json(audio_message(tail, self.context_id))
+        conn.state.metrics.finished("elevenlabs", "cancelled" if self.stopped else "ok")
         await conn.send_json(final_message(self.context_id))
         conn.session.ended(self.context)
 
@@ -175,7 +176,6 @@ class ContextRunner:
             return
         finally:
             state.leave()
-        state.metrics.finished("elevenlabs", "ok")
         duration_ms = 1000 * (audio.samples - start) / state.engine.sample_rate
         spoken = sentence if first else " " + sentence
         await conn.send_json(audio_message(audio.cut(), self.context_id, ws_alignment(spoken, duration_ms)))
