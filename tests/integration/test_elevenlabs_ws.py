@@ -329,3 +329,21 @@ async def test_a_context_with_the_offline_csm(csm_server):
         messages = (await receive_until_final(ws, {"c"}))["c"]
     assert len([m for m in messages if m.get("alignment")]) == 2
     assert len(audio_of(messages)) >= 2 * 16000 * 0.16  # at least two 80 ms frames
+
+
+async def test_a_generation_failure_ends_its_context_with_an_error(settings_factory):
+    """The model raising mid-sentence: an error naming the context, then its isFinal; the socket stays open."""
+    with running_server(settings_factory(engine="fake"), FakeEngine(fail_at_frame=1)) as server:
+        async with websockets.connect(el_url(server)) as ws:
+            await ws.send(json.dumps({"text": "This sentence will fail. ", "context_id": "a", "flush": True}))
+            await ws.send(json.dumps({"context_id": "a", "close_context": True}))
+            messages = []
+            while not messages or not messages[-1].get("isFinal"):
+                messages.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+            await ws.send(json.dumps({"text": "", "context_id": "b"}))  # still open: a keep-alive is accepted
+            await ws.send(json.dumps({"close_socket": True}))
+            with pytest.raises(websockets.ConnectionClosedOK):
+                await asyncio.wait_for(ws.recv(), 10)
+    errors = [m for m in messages if "error" in m]
+    assert [(e["error"], e["contextId"], e["code"]) for e in errors] == [("generation_failed", "a", 1011)]
+    assert messages[-1] == {"isFinal": True, "contextId": "a"}

@@ -84,6 +84,8 @@ class ContextRunner:
         self.wake = asyncio.Event()
         self.ending = False
         self.stopped = False
+        #: For the requests metric, counted once per context: ok, cancelled, error or timeout.
+        self.outcome = "ok"
         self.speaking: asyncio.Task | None = None
         self.task = asyncio.create_task(self.run())
 
@@ -146,7 +148,7 @@ class ContextRunner:
             tail = audio.finish()
             if tail:
                 await conn.send_json(audio_message(tail, self.context_id))
-        conn.state.metrics.finished("elevenlabs", "cancelled" if self.stopped else "ok")
+        conn.state.metrics.finished("elevenlabs", "cancelled" if self.stopped else self.outcome)
         await conn.send_json(final_message(self.context_id))
         conn.session.ended(self.context)
 
@@ -169,8 +171,7 @@ class ContextRunner:
                 async for chunk in stream_audio(state.engine, synth, audio, finish=False):
                     await conn.send_json(audio_message(chunk, self.context_id))
         except CsmServeError as exc:
-            outcome = "timeout" if isinstance(exc, DeadlineExceeded) else "error"
-            state.metrics.finished("elevenlabs", outcome)
+            self.outcome = "timeout" if isinstance(exc, DeadlineExceeded) else "error"
             log.warning("context %s failed: %s", self.context.id, exc.message)
             await conn.send_json(error_message(exc.code, exc.message, 1011, self.context_id))
             return
@@ -182,7 +183,8 @@ class ContextRunner:
 
 
 class ElevenLabsConnection(Connection):
-    """One ElevenLabs WebSocket; reuses :class:`Connection`'s lag-limited send."""
+    """One ElevenLabs WebSocket. Reuses :class:`Connection`'s lag-limited send and frame size check;
+    its ``session`` is a :class:`ContextSession` (contexts), not ``/ws/generate``'s."""
 
     def __init__(self, websocket: WebSocket, state, authenticated: bool, query: StreamSettings, voice: dict, multi: bool):
         super().__init__(websocket, state, authenticated)
