@@ -122,3 +122,16 @@ async def test_pipecat_agent_speaks_two_turns_and_is_interrupted_in_the_second(s
         total = sum(engine.num_frames(SynthesisRequest(t.strip(), max_audio_ms=90_000)) for t in SECOND_TURN)
         assert made < total / 2
         assert second_id != first_id
+
+
+async def test_pipecat_speaks_streamed_llm_text_with_the_offline_csm(csm_server):
+    """The real engine (offline checkpoint) behind the same URL: LLM tokens in, CSM audio and timed words out."""
+    tts = ElevenLabsTTSService(
+        api_key="unused", url=f"ws://127.0.0.1:{csm_server.port}", sample_rate=16000,
+        settings=ElevenLabsTTSService.Settings(voice="0"),
+    )  # fmt: skip
+    tokens = ["Hi", " there", ". How", " are", " you", "?"]
+    frames = await speak_one_turn(tts, tokens)
+    audio = b"".join(f.audio for f in frames if isinstance(f, TTSAudioRawFrame))
+    assert len(audio) >= 2 * 16000 * 0.16  # at least two 80 ms frames at 16 kHz
+    assert [f.text for f in frames if isinstance(f, TTSTextFrame)] == ["Hi", "there.", "How", "are", "you?"]

@@ -321,16 +321,6 @@ async def test_a_full_server_refuses_a_context_with_1013(settings_factory):
         assert httpx.post(server.http + "/v1/text-to-speech/0?output_format=pcm_24000", json={"text": "Hi."}).content
 
 
-async def test_a_context_with_the_offline_csm(csm_server):
-    """The real engine (offline checkpoint) speaks a context's two sentences as one stream, then isFinal."""
-    async with websockets.connect(el_url(csm_server, auto_mode="true", output_format="pcm_16000")) as ws:
-        await ws.send(json.dumps({"text": "Hi there. How are you? ", "context_id": "c", "flush": True}))
-        await ws.send(json.dumps({"context_id": "c", "close_context": True}))
-        messages = (await receive_until_final(ws, {"c"}))["c"]
-    assert len([m for m in messages if m.get("alignment")]) == 2
-    assert len(audio_of(messages)) >= 2 * 16000 * 0.16  # at least two 80 ms frames
-
-
 async def test_a_generation_failure_ends_its_context_with_an_error(settings_factory):
     """The model raising mid-sentence: an error naming the context, then its isFinal; the socket stays open."""
     with running_server(settings_factory(engine="fake"), FakeEngine(fail_at_frame=1)) as server:
