@@ -139,3 +139,17 @@ def test_voices_list_speakers_and_registered_voices_both_ways(client, fake_serve
     by_name = b"".join(client.text_to_speech.convert("host", text=TEXT, output_format="pcm_24000"))
     by_speaker = b"".join(client.text_to_speech.convert("5", text=TEXT, output_format="pcm_24000"))
     assert by_name == by_speaker
+
+
+def test_the_sdk_key_is_checked_when_keys_are_set(settings_factory):
+    """With CSM_API_KEYS set, the SDK's xi-api-key header is the key: the right one speaks, a wrong one is refused."""
+    from csmserve.engine.fake import FakeEngine
+    from support.servers import running_server
+
+    with running_server(settings_factory(engine="fake", api_keys="k1"), FakeEngine()) as server:
+        good = ElevenLabs(api_key="k1", base_url=server.http, timeout=30)
+        assert b"".join(good.text_to_speech.convert("0", text="Hi.", output_format="pcm_24000"))
+        bad = ElevenLabs(api_key="wrong", base_url=server.http, timeout=30)
+        with pytest.raises(ApiError) as caught:
+            b"".join(bad.text_to_speech.convert("0", text="Hi."))
+        assert caught.value.status_code == 403
