@@ -257,8 +257,8 @@ async def test_stream_input_bad_messages_are_errors_and_too_large_ones_too(setti
 
 
 async def test_api_key_in_the_first_message_or_header(settings_factory):
-    """With CSM_API_KEYS set: the xi-api-key header or the first message's xi_api_key admits; a wrong key
-    gets invalid_api_key and close 1008."""
+    """With CSM_API_KEYS set: the xi-api-key header, the authorization query parameter or the first message's
+    xi_api_key admits; a wrong key gets invalid_api_key and close 1008."""
     with running_server(settings_factory(engine="fake", api_keys="k1"), FakeEngine()) as server:
         async with websockets.connect(el_url(server), additional_headers={"xi-api-key": "k1"}) as ws:
             await ws.send(json.dumps({"text": "Hi. ", "context_id": "a", "flush": True}))
@@ -266,6 +266,9 @@ async def test_api_key_in_the_first_message_or_header(settings_factory):
         async with websockets.connect(el_url(server, multi=False)) as ws:
             await ws.send(json.dumps({"text": " ", "xi_api_key": "k1"}))
             await ws.send(json.dumps({"text": "Hi. ", "flush": True}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["audio"]
+        async with websockets.connect(el_url(server, authorization="Bearer k1")) as ws:
+            await ws.send(json.dumps({"text": "Hi. ", "context_id": "a", "flush": True}))
             assert json.loads(await asyncio.wait_for(ws.recv(), 10))["audio"]
         async with websockets.connect(el_url(server)) as ws:
             await ws.send(json.dumps({"text": " ", "context_id": "a", "xi_api_key": "wrong"}))

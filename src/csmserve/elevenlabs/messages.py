@@ -203,9 +203,12 @@ def key_of(raw: str | bytes | None) -> str | None:
         if isinstance(data.get(name), str):
             return data[name]
     auth = data.get("authorization")
-    if isinstance(auth, str):
-        return auth[7:].strip() if auth[:7].lower() == "bearer " else auth
-    return None
+    return key_of_authorization(auth) if isinstance(auth, str) else None
+
+
+def key_of_authorization(value: str) -> str:
+    """The key in an ``authorization`` value: "Bearer <key>", or the key alone."""
+    return value[7:].strip() if value[:7].lower() == "bearer " else value
 
 
 # -- server messages ------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from csmserve.elevenlabs.messages import (
     error_message,
     final_message,
     key_of,
+    key_of_authorization,
     parse_query,
 )
 from csmserve.elevenlabs.session import Context, ContextSession
@@ -290,6 +291,11 @@ async def serve(websocket: WebSocket, voice_id: str, multi: bool) -> None:
 
     if state.draining:
         return await refuse("overloaded", "the server is shutting down", TRY_AGAIN_LATER)
+    if authenticated is False and "authorization" in websocket.query_params:
+        # ElevenLabs' documented query parameter (a browser cannot set headers): "Bearer <key>" or the key.
+        if not state.keys.valid(key_of_authorization(websocket.query_params["authorization"])):
+            return await refuse("invalid_api_key", "the API key is not valid", POLICY_VIOLATION)
+        authenticated = True
     try:
         query = parse_query(websocket.query_params)
     except InvalidRequest as exc:
