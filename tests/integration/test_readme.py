@@ -75,3 +75,41 @@ def test_readme_configuration_table_lists_every_setting():
     text = README.read_text()
     for name in Settings.model_fields:
         assert f"| `CSM_{name.upper()}` |" in text, name
+
+
+def test_readme_elevenlabs_sdk_example_runs_as_written(fake_server, tmp_path):
+    """The ElevenLabs SDK example, pointed at csmserve, writes the utterance as 24 kHz PCM."""
+    block = next(b for b in python_blocks() if "from elevenlabs.client import ElevenLabs" in b)
+    script = block.replace("http://127.0.0.1:8000", fake_server.http)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    from csmserve.engine import SynthesisRequest
+
+    samples = len(fake_server.engine.render(SynthesisRequest("Hello from CSM.", max_audio_ms=90_000)))
+    assert (tmp_path / "hello.pcm").stat().st_size == 2 * samples
+
+
+def test_readme_pipecat_example_speaks_through_csmserve(fake_server):
+    """The pipecat snippet's service, in a pipeline, speaks a turn through csmserve's URL."""
+    import asyncio
+
+    from pipecat.frames.frames import TTSAudioRawFrame, TTSStoppedFrame
+    from test_elevenlabs_pipecat import speak_one_turn
+
+    block = next(b for b in python_blocks() if "ElevenLabsTTSService(" in b)
+    namespace: dict = {}
+    exec(block.replace("ws://127.0.0.1:8000", f"ws://127.0.0.1:{fake_server.port}"), namespace)
+    frames = asyncio.run(speak_one_turn(namespace["tts"], ["Hello from the README. "]))
+    assert sum(len(f.audio) for f in frames if isinstance(f, TTSAudioRawFrame)) > 0
+    assert any(isinstance(f, TTSStoppedFrame) for f in frames)
+
+
+def test_readme_livekit_example_names_what_csmserve_serves():
+    """LiveKit is not installed here: its snippet's base URL, voice and encoding are ones the server accepts
+    (the plugin's messages are replayed in test_elevenlabs_ws)."""
+    block = next(b for b in python_blocks() if "livekit.plugins" in b)
+    assert 'base_url="http://127.0.0.1:8000/v1"' in block
+    from csmserve.elevenlabs.formats import OUTPUT_FORMATS
+
+    encoding = re.search(r'encoding="([^"]+)"', block).group(1)
+    assert encoding in OUTPUT_FORMATS and 'voice_id="0"' in block

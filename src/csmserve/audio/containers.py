@@ -23,6 +23,7 @@ import numpy as np
 
 from csmserve.audio.formats import SOURCE_RATE, AudioEncoder, Pcm16Encoder
 from csmserve.audio.pcm import float_to_pcm16
+from csmserve.audio.resample import StreamingResampler
 
 
 @dataclass(frozen=True)
@@ -74,19 +75,23 @@ class _WriteOnlySink:
 
 
 class CodecStreamEncoder:
-    """One compressed stream of ``spec``'s format at 24 kHz mono, muxed as it is encoded."""
+    """One compressed stream of ``spec``'s format, mono, muxed as it is encoded.
 
-    sample_rate = SOURCE_RATE
+    Input is float32 at 24 kHz; ``sample_rate`` (default 24 kHz) is the encoded rate, resampled as
+    it streams, and ``bit_rate`` overrides the format's default bit rate.
+    """
 
-    def __init__(self, spec: CodecFormat):
+    def __init__(self, spec: CodecFormat, sample_rate: int = SOURCE_RATE, bit_rate: int | None = None):
         self.media_type = spec.media_type
+        self.sample_rate = sample_rate
+        self._resampler = StreamingResampler(SOURCE_RATE, sample_rate)
         self._sink = _WriteOnlySink()
         # flush_packets: hand every muxed packet to the sink now, not when an I/O buffer fills.
         options = {**spec.muxer_options, "flush_packets": "1"}
         self._container = av.open(self._sink, mode="w", format=spec.container, container_options=options)
-        self._stream = self._container.add_stream(spec.codec, rate=SOURCE_RATE, layout="mono")
-        if spec.bit_rate is not None:
-            self._stream.bit_rate = spec.bit_rate
+        self._stream = self._container.add_stream(spec.codec, rate=sample_rate, layout="mono")
+        if bit_rate or spec.bit_rate:
+            self._stream.bit_rate = bit_rate or spec.bit_rate
         self._sample_format = spec.sample_format
         self._samples_in = 0
 
@@ -94,19 +99,23 @@ class CodecStreamEncoder:
         samples = np.ascontiguousarray(pcm, dtype=np.float32)
         if samples.ndim != 1:
             raise ValueError(f"expected mono samples of shape (n,), got shape {samples.shape}")
+        self._encode(self._resampler.process(samples))
+        return self._sink.take()
+
+    def _encode(self, samples: np.ndarray) -> None:
         if samples.size:
             if self._sample_format == "s16":
                 samples = float_to_pcm16(samples)
             frame = av.AudioFrame.from_ndarray(samples[np.newaxis, :], self._sample_format, "mono")
-            frame.sample_rate = SOURCE_RATE
+            frame.sample_rate = self.sample_rate
             frame.pts = self._samples_in
             self._samples_in += samples.size
             # PyAV converts the sample format and re-cuts frames to the codec's frame size itself.
             self._container.mux(self._stream.encode(frame))
-        return self._sink.take()
 
     def flush(self) -> bytes:
         """Drain the encoder, write the trailer, close the container; the encoder is spent afterwards."""
+        self._encode(self._resampler.flush())
         self._container.mux(self._stream.encode(None))
         self._container.close()
         return self._sink.take()

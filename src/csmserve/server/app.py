@@ -167,12 +167,14 @@ def create_app(
             status_code=422,
         )
 
-    from csmserve.server import demo, health, openai_api, rest, voices_api, ws
+    from csmserve.server import demo, elevenlabs_http, elevenlabs_ws, health, openai_api, rest, voices_api, ws
 
     app.include_router(health.router)
     app.include_router(rest.router)
     app.include_router(ws.router)
     app.include_router(voices_api.router)
     app.include_router(openai_api.router)
+    app.include_router(elevenlabs_ws.router)
+    app.include_router(elevenlabs_http.router)
     app.include_router(demo.router)
     return app

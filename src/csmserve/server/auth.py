@@ -1,4 +1,4 @@
-"""API keys: ``Authorization: Bearer``, ``X-API-Key``, a ``token`` query parameter, or (WebSocket) a
+"""API keys: ``Authorization: Bearer``, ``X-API-Key`` (or ``xi-api-key``), a ``token`` query parameter, or (WebSocket) a
 ``token`` field in the first message. Keys are compared in constant time and never logged.
 
 Open without a key: ``/health`` and ``/ready`` (probes), the demo page and its assets (a person
@@ -37,7 +37,8 @@ def presented_key(conn: HTTPConnection) -> str | None:
     auth = conn.headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
-    return conn.headers.get("x-api-key") or conn.query_params.get("token")
+    # xi-api-key: the header of ElevenLabs' API (its SDK and the agent frameworks send it).
+    return conn.headers.get("x-api-key") or conn.headers.get("xi-api-key") or conn.query_params.get("token")
 
 
 def is_public(path: str, protect_metrics: bool) -> bool:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from csmserve.audio.decode import decode_clip
+from csmserve.elevenlabs.voices import elevenlabs_voices
 from csmserve.errors import InvalidRequest, NotFound, NotReady
 
 router = APIRouter(prefix="/v1/voices")
@@ -49,7 +50,15 @@ async def create_voice(
 
 @router.get("")
 async def list_voices(request: Request) -> dict:
-    return {"object": "list", "data": [v.public() for v in request.app.state.csm.voices.list()]}
+    """csmserve's list (``data``), and ElevenLabs' (``voices``: speaker ids and registered voices)."""
+    state = request.app.state.csm
+    voices = state.voices.list()
+    settings = state.settings
+    return {
+        "object": "list",
+        "data": [v.public() for v in voices],
+        "voices": elevenlabs_voices(voices, settings.min_speaker_id, settings.max_speaker_id),
+    }
 
 
 @router.get("/{voice_id}")

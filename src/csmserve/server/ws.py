@@ -33,6 +33,15 @@ router = APIRouter()
 POLICY_VIOLATION, TRY_AGAIN_LATER, NORMAL = 1008, 1013, 1000
 
 
+async def wait_for_child(task: asyncio.Task) -> None:
+    """Wait until ``task`` ends (a cancel of it alone returns normally); cancelling the waiter cancels it too."""
+    try:
+        await asyncio.wait({task})
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+
+
 class CloseConnection(Exception):
     """End the connection with ``code`` after what was already sent."""
 
@@ -96,19 +105,30 @@ class Connection:
         )
         raise CloseConnection(POLICY_VIOLATION, "unauthorized")
 
+    async def next_frame(self, message: dict, too_large=None) -> str | bytes | None:
+        """The payload of a received ``message``; None for a disconnect. A payload over
+        ``max_message_bytes`` is answered (``too_large(limit)`` builds the event) and also None."""
+        if message["type"] == "websocket.disconnect":
+            return None
+        raw = message.get("text")
+        if raw is None:
+            raw = message.get("bytes") or b""
+        limit = self.settings.max_message_bytes
+        if len(raw) > limit:
+            event = too_large(limit) if too_large else error_event("message_too_large", f"messages are limited to {limit} bytes")
+            await self.send_json(event)
+            return None
+        return raw
+
     async def receive_loop(self) -> None:
-        max_bytes = self.settings.max_message_bytes
         while True:
             message = await self.receive()
+            raw = await self.next_frame(message)
             if message["type"] == "websocket.disconnect":
                 if self.session.current is not None:
                     self.state.metrics.disconnects.inc()
                 return
-            raw = message.get("text")
             if raw is None:
-                raw = message.get("bytes") or b""
-            if len(raw) > max_bytes:
-                await self.send_json(error_event("message_too_large", f"messages are limited to {max_bytes} bytes"))
                 continue
             if not self.authenticated and await self.authenticate(raw):
                 continue  # an auth-only message
@@ -136,10 +156,7 @@ class Connection:
                 continue
             task = self.streaming = asyncio.create_task(self.run(job))
             try:
-                await asyncio.wait({task})
-            except asyncio.CancelledError:
-                task.cancel()
-                raise
+                await wait_for_child(task)
             finally:
                 self.streaming = None
                 self.session.finish()

@@ -1,0 +1,15 @@
+"""ElevenLabs-compatible text-to-speech API, so agent frameworks switch to CSM by changing a URL.
+
+pipecat's ``ElevenLabsTTSService``, LiveKit Agents' ``elevenlabs.TTS`` and the official
+``elevenlabs`` SDK speak these endpoints (https://elevenlabs.io/docs/api-reference):
+
+* ``WS /v1/text-to-speech/{voice_id}/multi-stream-input`` (several contexts on one socket) and
+  ``WS /v1/text-to-speech/{voice_id}/stream-input`` (one context);
+* ``POST /v1/text-to-speech/{voice_id}`` (+ ``/stream``, ``/with-timestamps``, ``/stream/with-timestamps``).
+
+This package is the socket-free part: output formats (:mod:`.formats`), query parameters and
+client messages (:mod:`.messages`), one socket's contexts (:mod:`.session`), text buffering and
+character timings (:mod:`.text`), the voice list (:mod:`.voices`). The routes are in
+:mod:`csmserve.server.elevenlabs_ws` and :mod:`csmserve.server.elevenlabs_http`.
+Never imports torch.
+"""
