@@ -35,6 +35,7 @@ test-fast: $(STAMP) browser
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/batching.py
 
 load: $(STAMP)
 	$(BIN)/python bench/load.py

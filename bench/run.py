@@ -281,7 +281,7 @@ def ttfa(model, dtype: str, device: str, utterances: dict[str, int], repeats: in
                 runs.append(asyncio.run(first_audio(port, frames, streaming)))
                 # A cancelled request still finishes the frame it is in: let the worker go idle, so the
                 # next request's time to first audio does not include the end of this one.
-                while engine._worker.queued or engine._worker.busy:
+                while engine.capacity().active or engine.capacity().waiting:
                     time.sleep(0.05)
             totals = [r[1] for r in runs if r[1] is not None]
             rows.append({"engine": name, "utterance": label, "frames": frames,

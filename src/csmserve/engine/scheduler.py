@@ -70,14 +70,15 @@ class Row:
 
 @dataclass
 class StepPlan:
-    """One step: at most one prefill chunk ``(row, start, length)``, then one frame for each decode row."""
+    """One step: prefill chunks ``(row, start, length)`` (``chunk`` positions in all at most), then one
+    frame for each decode row."""
 
-    prefill: tuple[Row, int, int] | None = None
+    prefill: list[tuple[Row, int, int]] = field(default_factory=list)
     decode: list[Row] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return self.prefill is None and not self.decode
+        return not self.prefill and not self.decode
 
 
 class Scheduler:
@@ -151,12 +152,16 @@ class Scheduler:
 
     def plan(self, can_decode: Callable[[Row], bool]) -> StepPlan:
         """The next step: every decoding row that ``can_decode`` (its client has room for a frame), and
-        one chunk of the oldest prefilling row's prompt."""
+        prefill chunks of the prompts waiting for it, oldest first, ``chunk`` positions in all (so the
+        talking streams wait at most about one chunk's compute for their next frame)."""
         plan = StepPlan()
+        budget = self.chunk
         for row in self.rows:
             if row.prefilling:
-                if plan.prefill is None:
-                    plan.prefill = (row, row.computed, min(self.chunk, row.piece.length - row.computed))
+                if budget > 0:
+                    length = min(budget, row.piece.length - row.computed)
+                    plan.prefill.append((row, row.computed, length))
+                    budget -= length
             elif row.piece is not None and can_decode(row):
                 plan.decode.append(row)
         return plan

@@ -271,10 +271,9 @@ class ModelWorker:
                 self._end(row, ClientTooSlow(f"the client read no audio for {self.max_lag_s:g} s; its stream was dropped"))
 
     def _step(self, plan: StepPlan) -> None:
-        rows = plan.decode + ([plan.prefill[0]] if plan.prefill else [])
+        rows = plan.decode + [row for row, _, _ in plan.prefill]
         try:
-            if plan.prefill is not None:
-                row, start, length = plan.prefill
+            for row, start, length in plan.prefill:
                 self.model.prefill(row, start, length)
                 self.scheduler.prefilled(row, start, length)
             frames = self.model.decode(plan.decode) if plan.decode else []
