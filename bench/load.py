@@ -10,8 +10,8 @@ after another and reads every frame. Measured at the client:
   and for the whole run (all audio / the run's wall time). Above 1 is faster than real time (the
   ``rtf`` in ``done`` frames is the inverse: generation time / audio duration).
 
-Time to first audio includes waiting for the model worker, which generates one request at a time:
-with N clients, a request waits for the streams ahead of it.
+Time to first audio includes waiting for a row of the engine's batch: the engine steps every active
+stream together (the fake engine too), so a request waits only when all rows are taken.
 
 Without ``--url`` it starts its own server, ``python -m csmserve serve --engine fake`` on a free loopback
 port in a child process (the clients' CPU time stays out of the server's process), with admission

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
         ),
     )
     prefill_chunk: int = Field(
-        128,
+        256,
         ge=1,
         description=(
             "Prompt positions prefilled per step: a long prompt joins in chunks between the others' frames, "
