@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -35,11 +35,15 @@ class ContextTurn:
 @dataclass
 class Continuation:
     """What one audio stream carries from one generation to the next (text streamed sentence by
-    sentence): the previous sentence as context, and the engine's own state (e.g. the codec's), so
-    the sentences sound like one voice and join without a seam. Owned by one stream; mutable."""
+    sentence): the previous sentence as context, and the engine's own state, so the sentences sound
+    like one voice and join without a seam. Owned by one stream; mutable; freed with it.
+
+    ``engine_state`` is opaque outside the engine that wrote it: the CSM engine saves its codec row's
+    streaming state there when a request leaves its row (restored into whichever row the next request
+    gets); the fake engine, its tone's frame count."""
 
     previous: ContextTurn | None = None
-    engine_state: object = None
+    engine_state: Any = None
 
 
 @dataclass(frozen=True)
