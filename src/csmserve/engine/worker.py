@@ -276,6 +276,8 @@ class ModelWorker:
             for row, start, length in plan.prefill:
                 self.model.prefill(row, start, length)
                 self.scheduler.prefilled(row, start, length)
+                if not row.prefilling and self._take_credit(row):
+                    plan.decode.append(row)  # its first frame in this same step: audio one step sooner
             frames = self.model.decode(plan.decode) if plan.decode else []
         except BaseException as exc:  # noqa: BLE001 - the step's streams fail, the worker goes on
             error = self._classify(exc)
