@@ -879,3 +879,22 @@ def test_with_the_worker_queue_full_every_http_route_answers_429(tmp_path, route
     assert response.status_code == 429, (response.status_code, response.content[:200])
     assert response.headers["Retry-After"] == "1" and response.json()["error"]["code"] == "overloaded"
     assert counter(metrics, "csm_requests_total", endpoint=route.endpoint, outcome="rejected") == 1
+
+
+def test_a_cut_non_reader_gives_back_its_connection_slot(tmp_path):
+    """Once cut, a client that still reads nothing loses its connection (max_lag_s later) instead of
+    holding its socket, its buffered audio and a connection slot for ever. With max_connections 2,
+    a probe is refused (503) while the non-reader holds a slot, and served once it is gone."""
+    route = next(r for r in STREAMING_ROUTES if r.endpoint == "openai")
+    with running_server(hostile_settings(tmp_path, max_lag_s=0.3, max_connections=2), FakeEngine()) as server:
+        sock = route.open(server.port, LONG_TEXT, "cut")
+        try:
+            statuses = []
+            for _ in range(600):
+                statuses.append(httpx.get(server.http + "/health", timeout=10).status_code)
+                if statuses[-1] == 200:
+                    break
+                time.sleep(0.05)
+        finally:
+            sock.close()
+    assert statuses[0] == 503 and statuses[-1] == 200

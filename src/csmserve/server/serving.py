@@ -3,6 +3,8 @@
 * ``max_connections`` (uvicorn's ``limit_concurrency``): beyond it, new requests get a 503.
 * ``header_timeout_s``: a connection must deliver a request's headers within this long after it
   opens (or after its previous response), or it is closed; uvicorn alone waits for ever.
+* ``max_lag_s`` again when a connection closes: output the client has not read by then is dropped
+  and the socket aborted (a non-reader that was cut does not keep its socket and slot).
 * keep-alive idle connections are closed after 5 s (uvicorn's default, stated here).
 """
 
@@ -16,14 +18,38 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from csmserve.config import Settings
 
 
+class LingerLimit:
+    """A transport whose ``close()`` gives buffered output ``linger_s`` to drain, then aborts.
+
+    asyncio's ``close()`` waits for ever for a peer that never reads: a client cut for reading too
+    slowly would keep its socket, its buffered audio and a connection slot. Everything else is the
+    wrapped transport's."""
+
+    def __init__(self, transport: asyncio.Transport, linger_s: float):
+        self._transport = transport
+        self._linger_s = linger_s
+
+    def close(self) -> None:
+        transport = self._transport
+        pending = transport.get_write_buffer_size() > 0
+        transport.close()
+        if pending:
+            asyncio.get_running_loop().call_later(self._linger_s, transport.abort)
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, closing a connection whose request headers do not arrive in
-    time (slowloris: headers sent one byte a minute hold a connection for ever otherwise)."""
+    time (slowloris: headers sent one byte a minute hold a connection for ever otherwise), and
+    aborting one whose closing output is not read within ``linger_s`` (:class:`LingerLimit`)."""
 
     header_timeout_s = 10.0
+    linger_s = 10.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(LingerLimit(transport, self.linger_s))  # type: ignore[arg-type]
         self._arm_header_deadline()
 
     def _arm_header_deadline(self) -> None:
@@ -51,7 +77,8 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
 def uvicorn_config(app, settings: Settings, **overrides) -> uvicorn.Config:
     """The uvicorn configuration ``csmserve serve`` runs with; tests override host/port/logging."""
-    protocol = type("HeaderDeadline", (HeaderDeadlineProtocol,), {"header_timeout_s": settings.header_timeout_s})
+    limits = {"header_timeout_s": settings.header_timeout_s, "linger_s": settings.max_lag_s}
+    protocol = type("HeaderDeadline", (HeaderDeadlineProtocol,), limits)
     options = dict(
         host=settings.host,
         port=settings.port,
