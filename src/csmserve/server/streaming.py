@@ -27,6 +27,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from csmserve.errors import CsmServeError, DeadlineExceeded, Overloaded
+from csmserve.pipeline import deadline_exceeded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,8 +57,7 @@ class Slot:
         return max(0.0, self.deadline - time.monotonic())
 
     def timeout_error(self) -> DeadlineExceeded:
-        seconds = self.state.settings.request_timeout_s
-        return DeadlineExceeded(f"the request did not finish within {seconds:g} s and was stopped")
+        return deadline_exceeded(self.state.settings.request_timeout_s)
 
     def leave(self, outcome: str, stats=None) -> None:
         if not self._left:
@@ -159,9 +159,9 @@ class GuardedStream(Response):
                 log.warning("%s", self.slot.timeout_error().message)
         except* ClientGone:
             pass
-        except* CsmServeError as group:  # headers are out: end the stream, say why in the log
-            outcome = outcome_of(group.exceptions[0])
-            log.warning("stream failed: %s", group.exceptions[0].message)
+        except* CsmServeError as failed:  # headers are out: end the stream, say why in the log
+            outcome = outcome_of(failed.exceptions[0])
+            log.warning("stream failed: %s", failed.exceptions[0].message)
         finally:
             await self.chunks.aclose()
             self.slot.leave(outcome, self.stats)
