@@ -20,11 +20,12 @@ import anyio
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from csmserve.engine import Continuation
-from csmserve.errors import CsmServeError, DeadlineExceeded, GenerationFailed, NotReady, Overloaded
+from csmserve.errors import CsmServeError, GenerationFailed, NotReady, Overloaded
 from csmserve.logs import request_id as current_request_id
 from csmserve.pipeline import AudioOutput, StreamStats, deadline, stream_audio, synthesis_request
 from csmserve.protocol import done_event, error_event
 from csmserve.server.auth import presented_key
+from csmserve.server.streaming import outcome_of
 from csmserve.session import Job, Session, failure_event
 
 log = logging.getLogger(__name__)
@@ -187,11 +188,14 @@ class Connection:
             await self.send_json(failure_event(exc, request.request_id))
             raise CloseConnection(TRY_AGAIN_LATER, "overloaded") from None
         try:
-            await self.stream(job)
+            final = await self.stream(job)
         finally:
             self.state.leave()
+        if final is not None:  # sent with the slot already free: a slow reader holds only its connection
+            await self.send_json(final)
 
-    async def stream(self, job: Job) -> None:
+    async def stream(self, job: Job) -> dict | None:
+        """Stream one job's audio; the frame that ends it (``done`` or an error), for the caller to send."""
         request, engine, stream = job.request, self.state.engine, job.stream
         stats = None
         try:
@@ -218,10 +222,8 @@ class Connection:
             raise CloseConnection(TRY_AGAIN_LATER, "overloaded") from None
         except CsmServeError as exc:
             log.warning("request failed: %s", exc.message)
-            outcome = "timeout" if isinstance(exc, DeadlineExceeded) else "error"
-            self.state.metrics.finished("ws", outcome, stats)
-            await self.send_json(failure_event(exc, request.request_id))
-            return
+            self.state.metrics.finished("ws", outcome_of(exc), stats)
+            return failure_event(exc, request.request_id)
         except (WebSocketDisconnect, CloseConnection):
             self.count_disconnect()
             raise
@@ -230,21 +232,14 @@ class Connection:
         except Exception:  # noqa: BLE001 - one request's failure must not end the connection
             log.exception("request failed")
             self.state.metrics.finished("ws", "error", stats)
-            error = GenerationFailed("generation failed; the server log has the details")
-            await self.send_json(failure_event(error, request.request_id))
-            return
-        if stream is None:
-            self.state.metrics.finished("ws", "ok", stats)
-            extra = {"ignored_fields": list(request.ignored_fields)} if request.ignored_fields else {}
-            await self.send_json(
-                done_event(
-                    request.request_id,
-                    **stats.as_event_fields(),
-                    sample_rate=request.sample_rate,
-                    format=request.format,
-                    **extra,
-                )
-            )
+            return failure_event(GenerationFailed("generation failed"), request.request_id)
+        if stream is not None:
+            return None  # a text stream's done comes with its end
+        self.state.metrics.finished("ws", "ok", stats)
+        extra = {"ignored_fields": list(request.ignored_fields)} if request.ignored_fields else {}
+        return done_event(
+            request.request_id, **stats.as_event_fields(), sample_rate=request.sample_rate, format=request.format, **extra
+        )
 
 
 async def admit(websocket: WebSocket, state) -> bool | None:
