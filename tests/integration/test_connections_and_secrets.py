@@ -90,15 +90,19 @@ def test_an_empty_bearer_header_does_not_hide_a_valid_x_api_key(settings_factory
 
 
 def test_health_without_a_key_shows_no_local_path(settings_factory, tmp_path):
-    """A model loaded from a directory shows only its name to callers without a key; with one, the path."""
+    """A model loaded from a directory shows only its name to callers without a key, in the model
+    field and in an error; with a key, the path."""
     engine = FakeEngine()
     engine.info.model = str(tmp_path / "private" / "checkpoints" / "csm")
     with running_server(settings_factory(engine="fake", api_keys=KEY), engine) as server:
         server.wait_ready()
         anonymous = httpx.get(server.http + "/health").text
         operator = httpx.get(server.http + "/health", headers={"X-API-Key": KEY}).json()
+        engine.info.failed = f"the GPU failed reading {tmp_path}/private/weights.safetensors"
+        failed = httpx.get(server.http + "/health").json()
     assert str(tmp_path) not in anonymous and json.loads(anonymous)["model"] == "csm"
     assert operator["model"] == engine.info.model
+    assert failed["error"]["message"] == "the GPU failed reading weights.safetensors"
 
 
 def test_an_engine_that_stops_making_progress_fails_ready_and_health_says_why(settings_factory):
@@ -154,3 +158,18 @@ def test_percent_encoded_keys_and_forged_ids_never_reach_the_log(tmp_path):
     assert not any(line.startswith("FORGED") for line in log.splitlines())
     assert "R" * 129 not in log
     assert counter(metrics, "csm_requests_total", endpoint="ws", outcome="ok") == 1
+
+
+def test_a_flood_of_bad_connections_writes_a_bounded_log(tmp_path):
+    """200 connections sending garbage: uvicorn's per-connection warning is logged at most 10 times
+    per 10 s (plus, later, one line counting the rest), not 200 times."""
+    with server_process(tmp_path, "--engine", "fake") as server:
+        for _ in range(200):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+                sock.settimeout(10)
+                while sock.recv(4096):
+                    pass
+        assert httpx.get(server.http + "/health").status_code == 200
+        log = server.log()
+    assert 1 <= log.count("Invalid HTTP request received") <= 10

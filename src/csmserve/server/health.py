@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import PurePath
+import re
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -33,7 +33,7 @@ async def health(request: Request) -> JSONResponse:
         "cuda": info.device.startswith("cuda"),
         "model_loaded": info.ready,
         "endpoints": {"websocket": "/ws/generate", "rest": "/generate"},
-        "model": info.model if trusted(request, state) else _without_path(info.model),
+        "model": info.model,
         "dtype": info.dtype,
         "engine": info.name,
         "offline_model": info.offline_model,
@@ -47,6 +47,10 @@ async def health(request: Request) -> JSONResponse:
         body["error"] = {"code": "model_failed", "message": info.failed}
     elif stalled is not None:
         body["error"] = {"code": "engine_stalled", "message": stalled}
+    if not trusted(request, state):
+        body["model"] = _without_paths(body["model"])
+        if "error" in body:
+            body["error"] = {**body["error"], "message": _without_paths(body["error"]["message"])}
     return JSONResponse(body, status_code=code)
 
 
@@ -55,9 +59,13 @@ def trusted(request: Request, state) -> bool:
     return not state.keys.enabled or state.keys.valid(presented_key(request))
 
 
-def _without_path(model: str) -> str:
-    """A model named by a local directory shows only the directory's name (no server paths)."""
-    return PurePath(model).name if "/" in model and (model.startswith(("/", ".", "~")) or model.count("/") > 1) else model
+# An absolute or home-relative path (two or more components): what a caller without a key must not see.
+_PATH = re.compile(r"(?<![\w:/])~?/(?:[^\s/'\"]+/)+([^\s/'\"]*)")
+
+
+def _without_paths(text: str) -> str:
+    """``text`` with every local path reduced to its last component (a model directory's name)."""
+    return _PATH.sub(lambda m: m.group(1) or "[path]", text)
 
 
 @router.get("/ready")
