@@ -33,6 +33,7 @@ class StreamingRoute:
         """Send one request over a raw socket with a small receive buffer, and read nothing."""
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(10)  # a test fails, never hangs, on a server that does not answer
         sock.connect(("127.0.0.1", port))
         payload = json.dumps(self.body(text, request_id)).encode()
         if self.endpoint == "ws":
