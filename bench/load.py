@@ -21,6 +21,7 @@ speed: audio leaves as fast as the server can send it, so the figures measure th
     python bench/load.py                                   # 50 clients x 3 requests, own server
     python bench/load.py --clients 50 --write docs/benchmarks.md
     python bench/load.py --url ws://127.0.0.1:8000/ws/generate --api-key KEY
+    python bench/load.py --hostile 2                       # plus non-reading and abandoning clients on every route
 
 Loopback only, bounded: at most 1000 clients x 100 requests, and ``--timeout`` seconds in all.
 Exit status 1 when any request failed, or when the p99 inter-chunk gap exceeds ``--max-gap-p99-ms``
@@ -50,6 +51,9 @@ from urllib.parse import urlsplit
 
 import websockets
 from websockets.asyncio.client import connect
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.routes import STREAMING_ROUTES  # noqa: E402 - the routes every hostile-client case covers
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_CLIENTS, MAX_REQUESTS = 1000, 100
@@ -173,13 +177,15 @@ async def drive(url: str, headers: dict, args) -> Run:
     run = Run()
     barrier = Barrier(args.clients)
     tasks = [asyncio.create_task(client(i, url, headers, barrier, args, run)) for i in range(args.clients)]
+    hostile = [asyncio.create_task(hostile_client(url, route, n, args)) for route in STREAMING_ROUTES for n in range(args.hostile)]
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(barrier.all_in.wait(), 60)
     run.started = time.perf_counter()
     barrier.go.set()
     done, pending = await asyncio.wait(tasks, timeout=args.timeout)
-    for task in pending:
+    for task in [*pending, *hostile]:
         task.cancel()
+    await asyncio.gather(*hostile, return_exceptions=True)
     await asyncio.gather(*pending, return_exceptions=True)
     run.ended = time.perf_counter()
     for stream in run.streams:
@@ -189,6 +195,24 @@ async def drive(url: str, headers: dict, args) -> Run:
         if task.exception() is not None:
             run.connect_errors.append(repr(task.exception()))
     return run
+
+
+async def hostile_client(url: str, route, n: int, args) -> None:
+    """Alongside the measured clients (``--hostile``): on ``route``, a client that sends a long request
+    and never reads (the server must cut it), then one that goes away mid-stream (the server must
+    cancel it). Every route in ``STREAMING_ROUTES`` gets them; the measured clients must not notice."""
+    port = urlsplit(url).port
+    loop = asyncio.get_running_loop()
+    while True:
+        stuck = await loop.run_in_executor(None, route.open, port, args.text * 20, f"hostile-{route.name}-{n}")
+        gone = await loop.run_in_executor(None, route.open, port, args.text, f"gone-{route.name}-{n}", 1 << 20)
+        try:
+            await asyncio.sleep(0.2)
+            gone.close()
+            await asyncio.sleep(2 * args.hostile_lag_s)
+        finally:
+            stuck.close()
+            gone.close()
 
 
 # -- our own server -------------------------------------------------------------------------------
@@ -204,6 +228,7 @@ def free_port() -> int:
 def own_server(args):
     """``csmserve serve --engine fake`` in a child process on a free loopback port, healthy, then stopped."""
     port = free_port()
+    slots = args.clients + 2 * args.hostile * len(STREAMING_ROUTES)  # the hostile clients get theirs too
     with tempfile.TemporaryDirectory(prefix="csm-load-") as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CSM_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
@@ -211,8 +236,10 @@ def own_server(args):
             sys.executable, "-m", "csmserve", "serve", "--engine", args.engine, "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "warning", "--audio-dir", f"{tmp}/audio", "--voices-dir", f"{tmp}/voices",
             # Admission sized for the load: every client streams at once, none is refused.
-            "--max-streams", str(max(16, args.clients)), "--max-queue", str(max(32, args.clients)),
+            "--max-streams", str(max(16, slots)), "--max-queue", str(max(32, slots)),
         ]
+        if args.hostile:  # a short lag before the non-readers are cut
+            command += ["--max-lag-s", str(args.hostile_lag_s)]
         log_path = Path(tmp) / "server.log"
         with open(log_path, "w") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -402,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-gap-p99-ms", type=float,
                         help=f"exit 1 when the p99 inter-chunk gap exceeds this (default with our own fake-engine "
                              f"server: {FAKE_GAP_P99_TARGET_MS:g}; with --url: no limit)")
+    parser.add_argument("--hostile", type=bounded(0, 20), default=0,
+                        help="per streaming route, this many non-reading and abandoning clients alongside")
+    parser.add_argument("--hostile-lag-s", type=float, default=1.0, help="our own server's --max-lag-s with --hostile")
     parser.add_argument("--write", type=Path, help="replace the load section of this markdown file")
     parser.add_argument("--server-log", action="store_true", help="print our own server's log at the end")
     args = parser.parse_args(argv)

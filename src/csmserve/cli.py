@@ -29,9 +29,24 @@ def _flag_type(annotation):
     return annotation, None
 
 
+#: Settings with no flag: a key on the command line is visible to every user in the process list.
+ENV_ONLY = ("api_keys",)
+
+
+class _EnvOnly(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(
+            f"{option_string} is not accepted: a key on the command line is visible in the process list; "
+            "set CSM_API_KEYS or CSM_API_KEYS_FILE (a file with one key per line) instead"
+        )
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field, documented with its env variable and default."""
+    """One flag per Settings field (secrets excepted), documented with its env variable and default."""
     for name, field in Settings.model_fields.items():
+        if name in ENV_ONLY:
+            parser.add_argument("--" + name.replace("_", "-"), action=_EnvOnly, help=argparse.SUPPRESS)
+            continue
         kind, choices = _flag_type(field.annotation)
         flag = "--" + name.replace("_", "-")
         env = f"CSM_{name.upper()}"
@@ -107,9 +122,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from csmserve.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
-    import uvicorn
-
     from csmserve.server.app import create_app
+    from csmserve.server.serving import uvicorn_config
 
     failure: list = []
 
@@ -118,17 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app = create_app(settings, on_load_failed=on_load_failed)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # ours: text or JSON, request ids, secrets redacted
-        ws_per_message_deflate=False,  # audio does not compress; deflate only costs CPU and latency
-        # Frames a little over the limit get a JSON error from the app; far larger ones a 1009 close.
-        ws_max_size=max(1 << 20, 4 * settings.max_message_bytes),
-        timeout_graceful_shutdown=10,
-    )
+    config = uvicorn_config(app, settings)
     server = DrainingServer(config, app.state.csm)
     asyncio.run(server.serve())
     if failure:
@@ -176,7 +180,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csmserve", description="Real-time streaming server for Sesame CSM-1B.")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="start the server")
+    serve = sub.add_parser("serve", help="start the server", allow_abbrev=False)
     add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -78,7 +78,14 @@ class Settings(BaseSettings):
 
     # Security
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
-        (), description="Comma-separated API keys. Empty: no authentication (a warning at start-up)."
+        (),
+        description=(
+            "Comma-separated API keys (environment only: a flag would show them in the process list). "
+            "Empty: no authentication (a warning at start-up)."
+        ),
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A file with one API key per line (# comments allowed), added to CSM_API_KEYS."
     )
     allowed_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Comma-separated Origins allowed to open WebSockets. Empty: any."
@@ -92,6 +99,20 @@ class Settings(BaseSettings):
     max_lag_s: float = Field(10.0, gt=0, description="A client that stops reading for this long is closed.")
     idle_timeout_s: float = Field(300.0, gt=0, description="A WebSocket with nothing to do for this long is closed.")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight streams may finish.")
+    stall_timeout_s: float = Field(
+        30.0, gt=0, description="Work waiting or generating and no engine step for this long: /ready fails, /health says why."
+    )
+    auth_timeout_s: float = Field(
+        10.0, gt=0, description="A WebSocket without a key in its URL or headers must send it within this long."
+    )
+    header_timeout_s: float = Field(10.0, gt=0, description="An HTTP request's headers must arrive within this long.")
+    max_connections: int = Field(1024, ge=1, description="Open connections (all kinds); more get 503.")
+    max_unauthenticated: int = Field(
+        64, ge=1, description="WebSockets at once that have not yet sent their key; more are closed with 1013."
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest accepted REST request body (voice uploads: max_upload_bytes)."
+    )
 
     # Requests
     max_text_chars: int = Field(4096, ge=1, description="Longest accepted text, in characters (OpenAI's limit).")
@@ -111,12 +132,20 @@ class Settings(BaseSettings):
     max_pending_per_connection: int = Field(
         8, ge=1, description="Requests queued on one WebSocket before new ones are refused."
     )
-    max_message_bytes: int = Field(65_536, ge=1024, description="Largest accepted WebSocket message.")
+    max_message_bytes: int = Field(65_536, ge=1024, description="Largest accepted WebSocket message, in bytes.")
+    max_stream_chars: int = Field(
+        100_000, ge=1, description="Most text one streamed-text context_id may carry, in characters."
+    )
+    max_contexts_per_connection: int = Field(
+        16, ge=1, description="Streamed-text context_ids one WebSocket may open (ended ones count too)."
+    )
 
     # Voices
     voices_dir: Path = Field(Path("var/voices"), description="Where registered voices are kept (survive restarts).")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest accepted voice upload.")
     max_voice_seconds: float = Field(30.0, gt=0, description="Longest accepted reference clip for a voice.")
+    max_voice_channels: int = Field(2, ge=1, le=8, description="Most channels a voice upload may have.")
+    max_voice_sample_rate: int = Field(48_000, ge=8000, le=192_000, description="Highest sample rate of a voice upload.")
 
     # REST audio store
     audio_dir: Path = Field(Path("var/audio"), description="Where /generate keeps WAV files for download.")
@@ -142,6 +171,20 @@ class Settings(BaseSettings):
         if self.max_batch is not None:
             return self.max_batch
         return 64 if device.startswith("cuda") else 8
+
+    @model_validator(mode="after")
+    def _read_key_file(self) -> Settings:
+        if self.api_keys_file is None:
+            return self
+        try:
+            lines = Path(self.api_keys_file).read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read api_keys_file {self.api_keys_file}: {exc.strerror}") from None
+        keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if not keys:
+            raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
+        object.__setattr__(self, "api_keys", self.api_keys + tuple(SecretStr(k) for k in keys))
+        return self
 
     def audio_budget_ms(self, text: str) -> int:
         """Default maximum audio for ``text``: proportional to its length, within the server cap."""

@@ -41,6 +41,13 @@ class NotFound(CsmServeError):
     http_status = 404
 
 
+class Conflict(CsmServeError):
+    """The request clashes with what exists (a voice name already taken or reserved)."""
+
+    code = "conflict"
+    http_status = 409
+
+
 class NotReady(CsmServeError):
     """The model is still loading (or failed to load)."""
 
@@ -87,6 +94,10 @@ class GenerationFailed(CsmServeError):
 
     code = "generation_failed"
     http_status = 500
+
+    def to_dict(self) -> dict:
+        # The message carries the model's exception text: it goes to the log, never to a client.
+        return {"code": self.code, "message": "generation failed; the server log has the details"}
 
 
 class ModelLoadError(CsmServeError):

@@ -12,26 +12,82 @@ import logging
 import re
 import sys
 import time
+from urllib.parse import unquote_plus
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
-# ?token=... in access-log lines, and anything shaped like a bearer credential.
-_SECRET = re.compile(r"((?:token|api_key|key)=)[^&\s\"']+|(Bearer\s+)[^\s\"']+", re.IGNORECASE)
+#: Query parameters that carry credentials, by their *decoded* name (``%74oken`` is ``token``).
+SECRET_PARAMS = {"token", "api_key", "apikey", "key", "access_token"}
+# A query parameter (name=value, the name possibly percent-encoded), or a bearer credential.
+_PARAM = re.compile(r"(?P<name>[^?&;=\s\"'/]+)=(?P<value>[^&;\s\"']*)")
+_BEARER = re.compile(r"(Bearer\s+)[^\s\"']+", re.IGNORECASE)
+# C0/C1 controls, DEL, and line/paragraph separators: nothing a client sends may start a log line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_ID_CHARS = 128
+
+
+def _redact_param(match: re.Match) -> str:
+    name = unquote_plus(match.group("name")).lower()
+    return f"{match.group('name')}=[redacted]" if name in SECRET_PARAMS else match.group(0)
 
 
 def redact(text: str) -> str:
-    return _SECRET.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", text)
+    """``text`` with query-string credentials (whatever the encoding of their name) and bearer
+    tokens replaced by ``[redacted]``."""
+    if "=" in text:
+        text = _PARAM.sub(_redact_param, text)
+    return _BEARER.sub(lambda m: m.group(1) + "[redacted]", text)
+
+
+def clean_id(value: str | None) -> str | None:
+    """A client-chosen id made safe for a log line: control characters replaced, at most 128 characters."""
+    if value is None:
+        return None
+    return _CONTROL.sub("?", value[:MAX_ID_CHARS]) or None
 
 
 class ContextFilter(logging.Filter):
     """Adds ``request_id`` to every record and redacts credentials from the message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
+        record.request_id = clean_id(request_id.get())
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, ()
+        return True
+
+
+class RateLimit(logging.Filter):
+    """At most ``burst`` warnings per message template per ``window_s`` from the server's plumbing
+    (``asyncio``'s accept loop, uvicorn's protocol errors): a flood of bad connections must not
+    become a flood of log. The first record after a quiet window says how many were dropped."""
+
+    LOGGERS = ("asyncio", "uvicorn.error")
+
+    def __init__(self, burst: int = 10, window_s: float = 10.0, clock=time.monotonic):
+        super().__init__()
+        self.burst, self.window_s, self.clock = burst, window_s, clock
+        self._seen: dict[tuple[str, str], list] = {}  # (logger, template) -> [window start, count, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not record.name.startswith(self.LOGGERS):
+            return True
+        now = self.clock()
+        key = (record.name, str(record.msg)[:200])
+        entry = self._seen.get(key)
+        if entry is None or now - entry[0] >= self.window_s:
+            dropped = entry[2] if entry is not None else 0
+            if len(self._seen) > 1000:
+                self._seen.clear()
+            self._seen[key] = [now, 1, 0]
+            if dropped:
+                record.msg, record.args = f"{record.getMessage()} ({dropped} more like this were not logged)", ()
+            return True
+        entry[1] += 1
+        if entry[1] > self.burst:
+            entry[2] += 1
+            return False
         return True
 
 
@@ -52,6 +108,7 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     """Configure the root logger (and uvicorn's) once, for the CLI."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RateLimit())
     handler.addFilter(ContextFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

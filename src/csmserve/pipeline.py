@@ -159,11 +159,16 @@ async def stream_audio(engine: Engine, request: SynthesisRequest, output: AudioO
         await stream.aclose()
 
 
+def deadline_exceeded(seconds: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"the request did not finish within {seconds:g} s and was stopped")
+
+
 @contextlib.contextmanager
 def deadline(seconds: float) -> Iterator[None]:
-    """Cancel the enclosed streaming after ``seconds`` and raise :class:`DeadlineExceeded` instead."""
+    """Cancel the enclosed streaming after ``seconds`` and raise :class:`DeadlineExceeded` instead.
+    Never around a ``yield``: the cancel scope must be entered and left by the same task."""
     try:
         with anyio.fail_after(seconds):
             yield
     except TimeoutError:
-        raise DeadlineExceeded(f"the request did not finish within {seconds:g} s and was stopped") from None
+        raise deadline_exceeded(seconds) from None

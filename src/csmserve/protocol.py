@@ -36,6 +36,7 @@ PCM_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 FORMATS = ("pcm_s16le", "mulaw", "alaw")
 FRAMINGS = ("twilio", "telnyx")
 MAX_CONTEXT_TURNS = 32
+MIN_TEMPERATURE = 0.01
 
 OPTION_FIELDS = (
     "speaker_id",
@@ -240,10 +241,11 @@ def parse_options(data: dict, limits: Limits, text: str) -> GenerateRequest:
         if (
             isinstance(temperature, bool)
             or not isinstance(temperature, (int, float))
-            or not 0 < temperature <= 5
+            or not MIN_TEMPERATURE <= temperature <= 5
             or not math.isfinite(temperature)
         ):
-            raise InvalidRequest("temperature must be a number greater than 0 and at most 5")
+            # Far below MIN_TEMPERATURE, logits / temperature overflow float32 and sampling fails.
+            raise InvalidRequest(f"temperature must be a number from {MIN_TEMPERATURE} to 5")
         temperature = float(temperature)
     framing = data.get("framing")
     if framing is not None and framing not in FRAMINGS:

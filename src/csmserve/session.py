@@ -43,6 +43,8 @@ class TextStream:
     output: Any = None
     stats: Any = None
     ended: bool = False
+    #: Characters of text received on this context so far (bounded by ``max_stream_chars``).
+    chars: int = 0
 
 
 @dataclass
@@ -70,9 +72,15 @@ class Outcome:
 
 
 class Session:
-    def __init__(self, limits: Limits, max_pending: int = 8):
+    """``max_stream_chars``: text one context_id may carry; ``max_contexts``: context_ids one
+    connection may open in its life (a client spends only its own share)."""
+
+    def __init__(self, limits: Limits, max_pending: int = 8, max_stream_chars: int = 100_000, max_contexts: int = 16):
         self.limits = limits
         self.max_pending = max_pending
+        self.max_stream_chars = max_stream_chars
+        self.max_contexts = max_contexts
+        self.contexts_opened = 0
         self.pending: deque[Job] = deque()
         self.current: Job | None = None
         self.streams: dict[str, TextStream] = {}
@@ -116,6 +124,11 @@ class Session:
         if stream is None:
             if options is None:
                 raise InvalidRequest(f"no text was sent on context {context_id!r}")
+            if self.contexts_opened >= self.max_contexts:
+                raise InvalidRequest(
+                    f"this connection has opened {self.max_contexts} text contexts, the limit; open a new connection"
+                )
+            self.contexts_opened += 1
             if options.request_id is None:
                 options = options.model_copy(update={"request_id": context_id})
             stream = self.streams[context_id] = TextStream(context_id, options, now)
@@ -127,8 +140,23 @@ class Session:
         ]
 
     def _text(self, message: TextMessage, now: float) -> Outcome:
-        stream = self._stream_for(message.context_id, message.options, now)
-        return self._enqueue(self._sentence_jobs(stream, stream.buffer.push(message.text), now))
+        try:
+            stream = self._stream_for(message.context_id, message.options, now)
+        except InvalidRequest as exc:
+            return Outcome([error_event(exc.code, exc.message, message.context_id)])
+        if stream.chars + len(message.text) > self.max_stream_chars:
+            return Outcome([error_event(
+                "stream_too_long",
+                f"a text context carries at most {self.max_stream_chars} characters; end it and start another",
+                stream.options.request_id, context_id=message.context_id,
+            )])
+        stream.chars += len(message.text)
+        sentences = stream.buffer.push(message.text)
+        if stream.buffer.pending_chars > self.limits.max_text_chars:
+            # No sentence end in sight: speak what there is, so that re-reading the pending text
+            # (on every fragment) stays bounded.
+            sentences += stream.buffer.flush()
+        return self._enqueue(self._sentence_jobs(stream, sentences, now))
 
     def _flush(self, message: FlushMessage, now: float) -> Outcome:
         try:
@@ -187,4 +215,5 @@ class Session:
 
 
 def failure_event(error: CsmServeError, request_id: str | None) -> dict:
-    return error_event(error.code, error.message, request_id)
+    public = error.to_dict()
+    return error_event(public["code"], public["message"], request_id)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from csmserve.errors import Conflict
+
 log = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"^voice_[A-Za-z0-9_-]{12}$")
@@ -79,6 +81,10 @@ class VoiceStore:
         os.replace(tmp, path)
 
     def add(self, name: str, speaker_id: int, transcript: str, codes: np.ndarray) -> Voice:
+        """Store a new voice. Raises :class:`Conflict` when ``name`` (case-insensitive) is taken."""
+        with self._lock:
+            if any(v.name.casefold() == name.casefold() for v in self._voices.values()):
+                raise Conflict(f"a voice named {name!r} exists already; pick another name or delete it first")
         voice = Voice(
             id="voice_" + secrets.token_urlsafe(9),
             name=name,

@@ -49,7 +49,7 @@ def test_sigterm_drains_in_flight_streams_then_exits(tmp_path):
 
 def test_keys_never_appear_in_logs_and_a_warning_says_when_auth_is_off(tmp_path):
     """With keys set, requests carrying them (good and bad) leave no key in the log; without keys, a warning."""
-    with server_process(tmp_path, "--engine", "fake", "--api-keys", KEY, "--log-level", "debug") as server:
+    with server_process(tmp_path, "--engine", "fake", "--log-level", "debug", env={"CSM_API_KEYS": KEY}) as server:
         httpx.post(server.http + f"/generate?token={KEY}", json={"text": "Hi."})
         httpx.post(server.http + "/generate?token=sk-wrong-guess-7", json={"text": "Hi."})
         httpx.post(server.http + "/generate", json={"text": "Hi."}, headers={"Authorization": f"Bearer {KEY}"})

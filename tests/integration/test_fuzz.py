@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import string
+import time
 import wave
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from websockets.sync.client import connect
 
 from csmserve.config import Settings
 from csmserve.engine.fake import FakeEngine
+from support.routes import STREAMING_ROUTES, counter
 from support.servers import running_server
 
 RECV_TIMEOUT_S = 10.0
@@ -78,6 +80,9 @@ def server(tmp_path_factory):
         voices_dir=tmp_path_factory.mktemp("voices"),
         max_pending_per_connection=32,
         max_message_bytes=MAX_MESSAGE_BYTES,
+        # Every streamed-text example opens a context on the one kept connection (the cap itself is
+        # tested in tests/unit/test_client_share.py).
+        max_contexts_per_connection=100_000,
     )
     with running_server(settings_, FakeEngine()) as running:
         response = httpx.post(
@@ -165,14 +170,25 @@ TURNS = st.fixed_dictionaries(
 )
 #: A stream_sid is an id: a string of 1 to 128 characters (an integer is taken as its digits).
 STREAM_SIDS = st.text(min_size=1, max_size=40)
-UNKNOWN_FIELDS = st.dictionaries(st.sampled_from(["voice_style", "x", "emotion", "language"]), JSON_VALUES, max_size=2)
+def encodable(value) -> bool:
+    """No lone surrogate anywhere: a message carrying one is refused whole, even in a field it ignores."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+UNKNOWN_FIELDS = st.dictionaries(
+    st.sampled_from(["voice_style", "x", "emotion", "language"]), JSON_VALUES.filter(encodable), max_size=2
+)
 
 VALID_OPTIONS = {
     "speaker_id": st.integers(0, 9),
     "chunk_ms": st.integers(20, 1000),
     "first_chunk_ms": st.integers(20, 1000),
     "max_audio_ms": st.integers(80, 400),
-    "temperature": st.one_of(st.floats(min_value=0, max_value=5, exclude_min=True), st.integers(1, 5)),
+    "temperature": st.one_of(st.floats(min_value=0.01, max_value=5), st.integers(1, 5)),
     "top_k": st.integers(1, 2048),
     "seed": st.integers(0, 2**63 - 1),
     "request_id": IDS,
@@ -751,3 +767,145 @@ def test_speech_refuses_unparseable_voices_and_numbers_with_a_400(http, quiet_se
     """A voice that str.isdigit() accepts but int() cannot parse, or a too-long number, is a 400, not a 500."""
     content = body if isinstance(body, str) else json.dumps(body)
     check_http_error(http.post("/v1/audio/speech", content=content), openai=True)
+
+
+# -- slow, abandoned and hostile clients, on every streaming route --------------------------------
+# One rule for every route (csmserve.server.streaming, and ws.py on the WebSocket): a client spends
+# only its own share. Each case runs on every route in support.routes.STREAMING_ROUTES.
+
+LONG_TEXT = "This sentence keeps the engine busy for a long while. " * 700  # ~38 MB of PCM from the fake
+SHORT_WS = {"text": "Short.", "max_audio_ms": 160, "request_id": "after"}
+
+
+def hostile_settings(tmp_path, **overrides) -> Settings:
+    values = dict(
+        engine="fake", host="127.0.0.1", port=0, audio_dir=tmp_path / "audio", voices_dir=tmp_path / "voices",
+        max_text_chars=40_000, max_audio_ms=900_000,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+def metrics_of(server) -> str:
+    return httpx.get(server.http + "/metrics", timeout=5).text
+
+
+def wait_for_metric(server, name: str, at_least: float = 1, **labels) -> str:
+    """Poll /metrics until the sample reaches ``at_least``; the metrics text then (fails if it never does)."""
+    for _ in range(600):
+        text = metrics_of(server)
+        if counter(text, name, **labels) >= at_least:
+            return text
+        time.sleep(0.05)
+    raise AssertionError(f"{name}{labels} never reached {at_least}:\n{text}")
+
+
+def normal_client_gets_audio(server) -> bytes:
+    """A well-behaved WebSocket client asks for 160 ms of audio: the PCM it received."""
+    with connect(server.ws, open_timeout=10) as ws:
+        ws.send(json.dumps(SHORT_WS))
+        audio = b""
+        while isinstance(message := ws.recv(timeout=RECV_TIMEOUT_S), bytes):
+            audio += message
+    done = json.loads(message)
+    assert "error" not in done, done
+    return audio
+
+
+@pytest.mark.parametrize("route", STREAMING_ROUTES, ids=lambda r: r.name)
+def test_a_client_that_never_reads_is_stopped_at_the_deadline_and_others_get_audio(tmp_path, route):
+    """A non-reading client is stopped by the request deadline (engine freed, counted as timeout or
+    cut); the next client gets its 160 ms of audio and the server reports no stream in flight."""
+    settings_ = hostile_settings(tmp_path, request_timeout_s=1.0, max_lag_s=60)
+    # Streamed routes: the fake outruns the reader and blocks on it; /generate: generation outlasts the deadline.
+    with running_server(settings_, FakeEngine(frame_delay_s=0 if route.streams else 0.01)) as server:
+        sock = route.open(server.port, LONG_TEXT, "stuck")
+        try:
+            wait_for_metric(server, "csm_requests_total", endpoint=route.endpoint, outcome="timeout")
+            assert len(normal_client_gets_audio(server)) == 2 * 24_000 * 160 // 1000
+        finally:
+            sock.close()
+        for _ in range(600):  # the slot is free once the client is gone (a WebSocket holds it to send its error)
+            if counter(metrics_of(server), "csm_active_streams") == 0:
+                break
+            time.sleep(0.05)
+        assert counter(metrics_of(server), "csm_active_streams") == 0
+
+
+@pytest.mark.parametrize("route", [r for r in STREAMING_ROUTES if r.streams], ids=lambda r: r.name)
+def test_a_client_that_stops_reading_is_cut_after_max_lag(tmp_path, route):
+    """A reader that falls max_lag_s behind is cut, counted as a slow client and as disconnected;
+    its generation stops, and a normal client is served."""
+    engine = FakeEngine()
+    with running_server(hostile_settings(tmp_path, max_lag_s=0.3), engine) as server:
+        sock = route.open(server.port, LONG_TEXT, "slow")
+        try:
+            text = wait_for_metric(server, "csm_slow_clients_total")
+            assert counter(text, "csm_requests_total", endpoint=route.endpoint, outcome="disconnected") == 1
+            assert normal_client_gets_audio(server)
+        finally:
+            sock.close()
+    assert engine.frames_made["slow"] < 10_002
+
+
+@pytest.mark.parametrize("route", STREAMING_ROUTES, ids=lambda r: r.name)
+def test_an_abandoned_request_is_cancelled_and_counted_as_disconnected(tmp_path, route):
+    """A client that goes away mid-generation cancels its generation (frames stop short of the
+    utterance) and the request counts as disconnected, not ok."""
+    engine = FakeEngine(frame_delay_s=0.02)
+    text = "Abandon me. " * 40  # 122 frames of 20 ms in the fake engine
+    with running_server(hostile_settings(tmp_path), engine) as server:
+        sock = route.open(server.port, text, "gone", rcvbuf=1 << 20)
+        for _ in range(600):
+            if engine.frames_made.get("gone", 0) >= 2:
+                break
+            time.sleep(0.02)
+        sock.close()
+        metrics = wait_for_metric(server, "csm_requests_total", endpoint=route.endpoint, outcome="disconnected")
+        made = engine.frames_made["gone"]
+        assert normal_client_gets_audio(server)
+    assert counter(metrics, "csm_requests_total", endpoint=route.endpoint, outcome="ok") == 0
+    assert made < 122
+
+
+@pytest.mark.parametrize("route", [r for r in STREAMING_ROUTES if r.endpoint != "ws"], ids=lambda r: r.name)
+def test_with_the_worker_queue_full_every_http_route_answers_429(tmp_path, route):
+    """One request in the engine's only row, one queued (max_batch 1, max_queue 1): the next is a 429
+    with Retry-After and a JSON error, never a 200 with an empty body; it counts as rejected."""
+    engine = FakeEngine(frame_delay_s=0.05, max_queue=1, max_batch=1)
+    with running_server(hostile_settings(tmp_path), engine) as server:
+        held = []
+        try:
+            for i, wanted in enumerate(("active", "waiting")):  # one generating, then one queued
+                held.append(route.open(server.port, "Keep the worker busy for a while. " * 20, f"held-{i}", 1 << 20))
+                for _ in range(600):
+                    if getattr(engine.capacity(), wanted) == 1:
+                        break
+                    time.sleep(0.02)
+            response = httpx.post(server.http + route.path, json=route.body("Hi.", "late"), timeout=30)
+            metrics = metrics_of(server)
+        finally:
+            for sock in held:
+                sock.close()
+    assert response.status_code == 429, (response.status_code, response.content[:200])
+    assert response.headers["Retry-After"] == "1" and response.json()["error"]["code"] == "overloaded"
+    assert counter(metrics, "csm_requests_total", endpoint=route.endpoint, outcome="rejected") == 1
+
+
+def test_a_cut_non_reader_gives_back_its_connection_slot(tmp_path):
+    """Once cut, a client that still reads nothing loses its connection (max_lag_s later) instead of
+    holding its socket, its buffered audio and a connection slot for ever. With max_connections 2,
+    a probe is refused (503) while the non-reader holds a slot, and served once it is gone."""
+    route = next(r for r in STREAMING_ROUTES if r.endpoint == "openai")
+    with running_server(hostile_settings(tmp_path, max_lag_s=0.3, max_connections=2), FakeEngine()) as server:
+        sock = route.open(server.port, LONG_TEXT, "cut")
+        try:
+            statuses = []
+            for _ in range(600):
+                statuses.append(httpx.get(server.http + "/health", timeout=10).status_code)
+                if statuses[-1] == 200:
+                    break
+                time.sleep(0.05)
+        finally:
+            sock.close()
+    assert statuses[0] == 503 and statuses[-1] == 200

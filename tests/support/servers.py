@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import httpx
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 
 class LoopbackUrls:
@@ -47,17 +48,10 @@ class RunningServer(LoopbackUrls):
 @contextlib.contextmanager
 def running_server(settings, engine=None, on_load_failed=None):
     from csmserve.server.app import create_app
+    from csmserve.server.serving import uvicorn_config
 
     app = create_app(settings, engine, on_load_failed=on_load_failed)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        ws_per_message_deflate=False,
-        ws_max_size=max(1 << 20, 4 * settings.max_message_bytes),
-        lifespan="on",
-    )
+    config = uvicorn_config(app, settings, host="127.0.0.1", port=0, log_level="warning", log_config=LOGGING_CONFIG, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()

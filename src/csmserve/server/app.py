@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -22,14 +23,17 @@ from csmserve import __version__
 from csmserve.config import Settings
 from csmserve.engine import Engine, create_engine
 from csmserve.errors import CsmServeError, Overloaded
-from csmserve.logs import request_id
 from csmserve.metrics import Metrics
 from csmserve.protocol import Limits
-from csmserve.server.auth import KeyChecker, is_public, presented_key
+from csmserve.server.auth import KeyChecker
+from csmserve.server.guard import Guard
+from csmserve.server.watchdog import Watchdog
 from csmserve.server.store import AudioStore
 from csmserve.voices import VoiceStore
 
 log = logging.getLogger(__name__)
+#: Voice uploads decoded at once (each in a worker thread); more wait, and past that get a 429.
+DECODE_THREADS = 2
 
 
 @dataclass
@@ -45,6 +49,11 @@ class ServerState:
     #: Set on SIGTERM: /ready is 503, new requests are refused, in-flight ones finish.
     draining: bool = False
     active: int = 0
+    #: WebSockets accepted without a key that have not yet sent one (capped: max_unauthenticated).
+    unauthenticated: int = 0
+    watchdog: Watchdog | None = None
+    #: Voice uploads decode here, off the event loop, a few at a time.
+    decoders: anyio.CapacityLimiter | None = None
 
     def enter(self, endpoint: str) -> None:
         """Admit one streaming request, or count it as rejected and raise :class:`Overloaded`
@@ -63,7 +72,8 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.engine.info.ready and not self.draining and not self.engine.info.failed
+        stalled = self.watchdog is not None and self.watchdog.stalled() is not None
+        return self.engine.info.ready and not self.draining and not self.engine.info.failed and not stalled
 
 
 def limits_from(settings: Settings) -> Limits:
@@ -91,6 +101,7 @@ def create_app(
         limits=limits_from(settings),
         metrics=Metrics(),
         keys=KeyChecker(settings.api_keys),
+        watchdog=Watchdog(engine.capacity, settings.stall_timeout_s),
     )
     state.metrics.watch_capacity(engine.capacity)
     if hasattr(engine, "prefill_positions"):
@@ -120,32 +131,22 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        task = asyncio.create_task(load())
+        state.decoders = anyio.CapacityLimiter(DECODE_THREADS)
+        tasks = [asyncio.create_task(load()), asyncio.create_task(state.watchdog.run())]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
             await engine.close()
 
     app = FastAPI(title="csmserve", version=__version__, lifespan=lifespan)
     app.state.csm = state
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        request_id.set(request.headers.get("x-request-id"))
-        if state.keys.enabled and not is_public(request.url.path, settings.protect_metrics):
-            key = presented_key(request)
-            if not key:
-                return JSONResponse(
-                    {"error": {"code": "unauthorized", "message": "an API key is required: Authorization: Bearer <key>, X-API-Key, or ?token="}},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            if not state.keys.valid(key):
-                return JSONResponse({"error": {"code": "forbidden", "message": "the API key is not valid"}}, status_code=403)
-        return await call_next(request)
+    app.add_middleware(Guard, state=state)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -35,10 +35,10 @@ class KeyChecker:
 def presented_key(conn: HTTPConnection) -> str | None:
     """The key a request carries in a header or the query string, if any."""
     auth = conn.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
+    bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    # An empty "Authorization: Bearer" (a client library's default) must not hide a real key elsewhere.
     # xi-api-key: the header of ElevenLabs' API (its SDK and the agent frameworks send it).
-    return conn.headers.get("x-api-key") or conn.headers.get("xi-api-key") or conn.query_params.get("token")
+    return bearer or conn.headers.get("x-api-key") or conn.headers.get("xi-api-key") or conn.query_params.get("token")
 
 
 def is_public(path: str, protect_metrics: bool) -> bool:

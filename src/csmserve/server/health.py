@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+
+from csmserve.server.auth import presented_key
 
 router = APIRouter()
 
@@ -26,10 +30,13 @@ def capacity_fields(capacity) -> dict:
 async def health(request: Request) -> JSONResponse:
     state = request.app.state.csm
     info = state.engine.info
-    if info.ready and not info.failed:
+    stalled = state.watchdog.stalled()
+    if info.ready and not info.failed and stalled is None:
         status, code = "healthy", 200
     elif state.load_error is not None or info.failed:
         status, code = "failed", 503
+    elif stalled is not None:
+        status, code = "stalled", 503
     else:
         status, code = "loading", 503
     body = {
@@ -51,7 +58,27 @@ async def health(request: Request) -> JSONResponse:
         body["error"] = state.load_error.to_dict()
     elif info.failed:
         body["error"] = {"code": "model_failed", "message": info.failed}
+    elif stalled is not None:
+        body["error"] = {"code": "engine_stalled", "message": stalled}
+    if not trusted(request, state):
+        body["model"] = _without_paths(body["model"])
+        if "error" in body:
+            body["error"] = {**body["error"], "message": _without_paths(body["error"]["message"])}
     return JSONResponse(body, status_code=code)
+
+
+def trusted(request: Request, state) -> bool:
+    """Whether the caller may see operator detail (local paths): keys are off, or it sent a valid one."""
+    return not state.keys.enabled or state.keys.valid(presented_key(request))
+
+
+# An absolute or home-relative path (two or more components): what a caller without a key must not see.
+_PATH = re.compile(r"(?<![\w:/])~?/(?:[^\s/'\"]+/)+([^\s/'\"]*)")
+
+
+def _without_paths(text: str) -> str:
+    """``text`` with every local path reduced to its last component (a model directory's name)."""
+    return _PATH.sub(lambda m: m.group(1) or "[path]", text)
 
 
 @router.get("/ready")
@@ -65,6 +92,8 @@ async def ready(request: Request) -> JSONResponse:
         reason = "draining"
     elif info.failed or state.load_error is not None:
         reason = "failed"
+    elif info.ready:
+        reason = "stalled"
     else:
         reason = "loading"
     return JSONResponse({"ready": False, "reason": reason}, status_code=503, headers={"Retry-After": "5"})

@@ -15,12 +15,14 @@ import logging
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from csmserve.audio.containers import RESPONSE_FORMATS, make_container_encoder
-from csmserve.errors import CsmServeError, DeadlineExceeded, InvalidRequest, Overloaded
-from csmserve.pipeline import StreamStats, deadline, synthesis_request
+from csmserve.errors import CsmServeError, InvalidRequest, Overloaded
+from csmserve.logs import request_id
+from csmserve.pipeline import StreamStats, synthesis_request
 from csmserve.protocol import parse_json_object, parse_options
+from csmserve.server.streaming import guarded_stream
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
@@ -95,7 +97,7 @@ async def speech(request: Request):
         return openai_error(400, "stream_format must be audio or sse", "stream_format")
     try:
         fields = _voice_fields(body.get("voice"), state)
-        options = parse_options({**fields, "seed": body.get("seed")}, state.limits, text)
+        options = parse_options({**fields, "seed": body.get("seed"), "request_id": request_id.get()}, state.limits, text)
         synth = synthesis_request(options, state.settings, state.voices)
     except InvalidRequest as exc:
         return openai_error(400, exc.message, "voice" if "voice" in exc.message else None)
@@ -103,52 +105,42 @@ async def speech(request: Request):
     if not engine.info.ready:
         return openai_error(503, "the model is still loading; retry when /health says healthy")
     encoder = make_container_encoder(response_format)
-    try:
-        state.enter("openai")
-    except Overloaded as exc:
-        return JSONResponse(
-            {"error": {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}},
-            status_code=429, headers={"Retry-After": "1"},
-        )
     stats = StreamStats(engine.sample_rate)
 
     async def audio_bytes():
         stream = engine.synthesize(synth)
-        outcome = "disconnected"
         try:
-            with deadline(state.settings.request_timeout_s):
-                async for piece in stream:
-                    stats.samples += len(piece)
-                    data = encoder.encode(piece)
-                    if data:
-                        if stats.first_audio is None:
-                            stats.first_audio = time.monotonic()
-                        yield data
-            tail = encoder.flush()
-            if tail:
-                yield tail
-            outcome = "ok"
-        except DeadlineExceeded as exc:
-            outcome = "timeout"
-            log.warning("speech request stopped: %s", exc.message)
-        except CsmServeError as exc:  # headers are sent: end the stream and say why in the log
-            outcome = "error"
-            log.warning("speech request failed mid-stream: %s", exc.message)
+            async for piece in stream:
+                stats.samples += len(piece)
+                data = encoder.encode(piece)
+                if data:
+                    if stats.first_audio is None:
+                        stats.first_audio = time.monotonic()
+                    yield data
+            yield encoder.flush()
         finally:
-            state.leave()
-            state.metrics.finished("openai", outcome, stats)
             await stream.aclose()
-
-    if stream_format == "audio":
-        return StreamingResponse(audio_bytes(), media_type=encoder.media_type)
 
     async def events():
         total = 0
-        async for data in audio_bytes():
-            total += len(data)
-            payload = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")}
-            yield f"data: {json.dumps(payload)}\n\n"
+        chunks = audio_bytes()
+        try:
+            async for data in chunks:
+                total += len(data)
+                payload = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")}
+                yield f"data: {json.dumps(payload)}\n\n".encode()
+        finally:
+            await chunks.aclose()
         usage = {"input_tokens": len(text), "output_tokens": total, "total_tokens": len(text) + total}
-        yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage})}\n\n"
+        yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage})}\n\n".encode()
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    body, media_type = (audio_bytes(), encoder.media_type) if stream_format == "audio" else (events(), "text/event-stream")
+    try:
+        return await guarded_stream(state, "openai", body, media_type, stats)
+    except CsmServeError as exc:
+        kind = "server_error" if exc.http_status >= 500 or isinstance(exc, Overloaded) else "invalid_request_error"
+        headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else None
+        return JSONResponse(
+            {"error": {**exc.to_dict(), "type": kind, "param": None}},
+            status_code=exc.http_status, headers=headers,
+        )

@@ -5,14 +5,17 @@ Validation is the WebSocket protocol's, so both paths accept and refuse the same
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from csmserve.audio.wav import pcm16_to_wav
-from csmserve.errors import CsmServeError, DeadlineExceeded, InvalidRequest, NotFound, NotReady, Overloaded
+from csmserve.errors import CsmServeError, InvalidRequest, NotFound, NotReady, Overloaded
 from csmserve.logs import request_id
-from csmserve.pipeline import AudioOutput, StreamStats, deadline, stream_audio, synthesis_request
+from csmserve.pipeline import AudioOutput, StreamStats, stream_audio, synthesis_request
 from csmserve.protocol import parse_generate, parse_json_object
+from csmserve.server.streaming import ClientGone, Slot, outcome_of, until_disconnect
 
 router = APIRouter()
 
@@ -44,22 +47,29 @@ async def generate(request: Request) -> Response:
     as_pcm = {"chunk_ms": 1000, "format": "pcm_s16le"}
     output = AudioOutput(parsed.model_copy(update=as_pcm), stats)
     try:
-        state.enter("rest")
+        slot = Slot(state, "rest")
     except Overloaded as exc:
         return JSONResponse({"error": exc.to_dict()}, status_code=429, headers={"Retry-After": "1"})
-    try:
+
+    async def collect() -> None:
         synth = synthesis_request(parsed, state.settings, state.voices)
-        with deadline(state.settings.request_timeout_s):
-            async for chunk in stream_audio(engine, synth, output):
-                pcm += chunk
+        async with contextlib.aclosing(stream_audio(engine, synth, output)) as chunks:
+            async for chunk in chunks:
+                pcm.extend(chunk)
+
+    try:
+        await until_disconnect(request, slot, collect)
+    except ClientGone:
+        slot.leave("disconnected", stats)
+        return Response(status_code=499)  # nobody reads it; the generation was cancelled
     except CsmServeError as exc:
-        outcomes = {Overloaded: "rejected", DeadlineExceeded: "timeout"}
-        state.metrics.finished("rest", outcomes.get(type(exc), "error"), stats)
+        slot.leave(outcome_of(exc), stats)
         headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else None
         return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
-    finally:
-        state.leave()
-    state.metrics.finished("rest", "ok", stats)
+    except BaseException:
+        slot.leave("error", stats)
+        raise
+    slot.leave("ok", stats)
     wav = pcm16_to_wav(bytes(pcm), parsed.sample_rate, parsed.format)
     if _wants_wav(request):
         return Response(wav, media_type="audio/wav")

@@ -6,14 +6,21 @@ requests that name it get its codes as CSM context, so nothing is re-encoded per
 
 from __future__ import annotations
 
+import functools
+
+import anyio.to_thread
 from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from csmserve.audio.decode import decode_clip
 from csmserve.elevenlabs.voices import elevenlabs_voices
-from csmserve.errors import InvalidRequest, NotFound, NotReady
+from csmserve.errors import Conflict, InvalidRequest, NotFound, NotReady, Overloaded
+from csmserve.server.openai_api import OPENAI_VOICES
+from csmserve.voices import ID_PATTERN
 
 router = APIRouter(prefix="/v1/voices")
+#: Uploads that may wait for a decoder; more are refused with a 429.
+MAX_WAITING_DECODES = 4
 
 
 @router.post("", status_code=201)
@@ -40,12 +47,30 @@ async def create_voice(
             {"error": {"code": "upload_too_large", "message": f"uploads are limited to {settings.max_upload_bytes} bytes"}},
             status_code=413,
         )
-    clip = decode_clip(data, state.engine.sample_rate, settings.max_voice_seconds)
+    name = name.strip()
+    if name.casefold() in OPENAI_VOICES or name.isdigit() or ID_PATTERN.match(name):
+        raise Conflict(f"{name!r} is reserved (an OpenAI voice name, a speaker id or a voice id); pick another name")
+    if state.voices.get(name) is not None:
+        raise Conflict(f"a voice named {name!r} exists already; pick another name or delete it first")
+    clip = await decode_off_loop(state, data)
     if not state.engine.info.ready:
         raise NotReady("the model is still loading; retry when /health says healthy")
     codes = await state.engine.encode(clip)
-    voice = state.voices.add(name.strip(), speaker_id, transcript.strip(), codes)
+    voice = state.voices.add(name, speaker_id, transcript.strip(), codes)
     return JSONResponse(voice.public(), status_code=201)
+
+
+async def decode_off_loop(state, data: bytes):
+    """Decode an upload in a worker thread, a few at a time (``state.decoders``); when that many are
+    already waiting, a 429: decoding is bounded work, never on the event loop."""
+    settings, limiter = state.settings, state.decoders
+    if limiter.statistics().tasks_waiting >= MAX_WAITING_DECODES:
+        raise Overloaded("too many voice uploads are being decoded; retry shortly")
+    decode = functools.partial(
+        decode_clip, data, state.engine.sample_rate, settings.max_voice_seconds,
+        max_channels=settings.max_voice_channels, max_rate=settings.max_voice_sample_rate,
+    )
+    return await anyio.to_thread.run_sync(decode, limiter=limiter)
 
 
 @router.get("")

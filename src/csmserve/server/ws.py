@@ -20,11 +20,12 @@ import anyio
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from csmserve.engine import Continuation
-from csmserve.errors import CsmServeError, DeadlineExceeded, GenerationFailed, NotReady, Overloaded
+from csmserve.errors import CsmServeError, GenerationFailed, NotReady, Overloaded
 from csmserve.logs import request_id as current_request_id
 from csmserve.pipeline import AudioOutput, StreamStats, deadline, stream_audio, synthesis_request
 from csmserve.protocol import done_event, error_event
 from csmserve.server.auth import presented_key
+from csmserve.server.streaming import outcome_of
 from csmserve.session import Job, Session, failure_event
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,15 @@ class Connection:
         self.ws = websocket
         self.state = state
         self.settings = state.settings
-        self.session = Session(state.limits, state.settings.max_pending_per_connection)
+        settings = state.settings
+        self.session = Session(
+            state.limits, settings.max_pending_per_connection, settings.max_stream_chars, settings.max_contexts_per_connection
+        )
         self.wake = asyncio.Event()
         self.streaming: asyncio.Task | None = None
         self.send_lock = asyncio.Lock()
         self.authenticated = authenticated
+        self.counted = None
 
     async def send_json(self, event: dict) -> None:
         await self.send(json.dumps(event))
@@ -82,11 +87,23 @@ class Connection:
         busy = self.session.current is not None or self.session.pending
         if busy:
             return await self.ws.receive()
+        if not self.authenticated:  # a stranger gets a short deadline, not the idle timeout
+            timeout, close = self.settings.auth_timeout_s, CloseConnection(POLICY_VIOLATION, "no API key in time")
+        else:
+            timeout, close = self.settings.idle_timeout_s, CloseConnection(NORMAL, "idle timeout")
         try:
-            with anyio.fail_after(self.settings.idle_timeout_s):
+            with anyio.fail_after(timeout):
                 return await self.ws.receive()
         except TimeoutError:
-            raise CloseConnection(NORMAL, "idle timeout") from None
+            raise close from None
+
+    def count_disconnect(self) -> None:
+        """Count the current request as ``disconnected`` (once), when its client went away or was cut."""
+        job = self.session.current
+        if job is not None and job is not self.counted:
+            self.counted = job
+            self.state.metrics.disconnects.inc()
+            self.state.metrics.finished("ws", "disconnected")
 
     async def authenticate(self, raw) -> bool:
         """The first message of a connection without a header/query key must carry ``token``.
@@ -99,6 +116,7 @@ class Connection:
         token = data.get("token") if isinstance(data, dict) else None
         if self.state.keys.valid(token if isinstance(token, str) else None):
             self.authenticated = True
+            self.state.unauthenticated -= 1
             return set(data) <= {"token", "type"} and data.get("type") in (None, "auth")
         await self.send_json(
             error_event("unauthorized", "an API key is required: Authorization: Bearer, X-API-Key, ?token= or a token field")
@@ -114,7 +132,8 @@ class Connection:
         if raw is None:
             raw = message.get("bytes") or b""
         limit = self.settings.max_message_bytes
-        if len(raw) > limit:
+        size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else len(raw)  # bytes, not characters
+        if size > limit:
             event = too_large(limit) if too_large else error_event("message_too_large", f"messages are limited to {limit} bytes")
             await self.send_json(event)
             return None
@@ -125,8 +144,7 @@ class Connection:
             message = await self.receive()
             raw = await self.next_frame(message)
             if message["type"] == "websocket.disconnect":
-                if self.session.current is not None:
-                    self.state.metrics.disconnects.inc()
+                self.count_disconnect()
                 return
             if raw is None:
                 continue
@@ -188,11 +206,14 @@ class Connection:
             await self.send_json(failure_event(exc, request.request_id))
             raise CloseConnection(TRY_AGAIN_LATER, "overloaded") from None
         try:
-            await self.stream(job)
+            final = await self.stream(job)
         finally:
             self.state.leave()
+        if final is not None:  # sent with the slot already free: a slow reader holds only its connection
+            await self.send_json(final)
 
-    async def stream(self, job: Job) -> None:
+    async def stream(self, job: Job) -> dict | None:
+        """Stream one job's audio; the frame that ends it (``done`` or an error), for the caller to send."""
         request, engine, stream = job.request, self.state.engine, job.stream
         stats = None
         try:
@@ -210,37 +231,33 @@ class Connection:
                 output, continuation = stream.output, stream.continuation
             synth = synthesis_request(request, self.settings, self.state.voices, continuation)
             with deadline(self.settings.request_timeout_s):
-                async for item in stream_audio(engine, synth, output, finish=stream is None):
-                    await self.send(item)
+                async with contextlib.aclosing(stream_audio(engine, synth, output, finish=stream is None)) as items:
+                    async for item in items:  # closed on any exit: the engine stops generating
+                        await self.send(item)
         except Overloaded as exc:
             self.state.metrics.finished("ws", "rejected")
             await self.send_json(failure_event(exc, request.request_id))
             raise CloseConnection(TRY_AGAIN_LATER, "overloaded") from None
         except CsmServeError as exc:
             log.warning("request failed: %s", exc.message)
-            outcome = "timeout" if isinstance(exc, DeadlineExceeded) else "error"
-            self.state.metrics.finished("ws", outcome, stats)
-            await self.send_json(failure_event(exc, request.request_id))
-            return
-        except (WebSocketDisconnect, asyncio.CancelledError, CloseConnection):
+            self.state.metrics.finished("ws", outcome_of(exc), stats)
+            return failure_event(exc, request.request_id)
+        except (WebSocketDisconnect, CloseConnection):
+            self.count_disconnect()
             raise
-        except Exception as exc:  # noqa: BLE001 - one request's failure must not end the connection
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one request's failure must not end the connection
             log.exception("request failed")
             self.state.metrics.finished("ws", "error", stats)
-            await self.send_json(failure_event(GenerationFailed(f"generation failed: {exc}"), request.request_id))
-            return
-        if stream is None:
-            self.state.metrics.finished("ws", "ok", stats)
-            extra = {"ignored_fields": list(request.ignored_fields)} if request.ignored_fields else {}
-            await self.send_json(
-                done_event(
-                    request.request_id,
-                    **stats.as_event_fields(),
-                    sample_rate=request.sample_rate,
-                    format=request.format,
-                    **extra,
-                )
-            )
+            return failure_event(GenerationFailed("generation failed"), request.request_id)
+        if stream is not None:
+            return None  # a text stream's done comes with its end
+        self.state.metrics.finished("ws", "ok", stats)
+        extra = {"ignored_fields": list(request.ignored_fields)} if request.ignored_fields else {}
+        return done_event(
+            request.request_id, **stats.as_event_fields(), sample_rate=request.sample_rate, format=request.format, **extra
+        )
 
 
 async def admit(websocket: WebSocket, state) -> bool | None:
@@ -274,7 +291,23 @@ async def ws_generate(websocket: WebSocket) -> None:
         await websocket.send_text(json.dumps(error_event("overloaded", "the server is shutting down")))
         await websocket.close(TRY_AGAIN_LATER, "draining")
         return
+    if not authenticated:
+        if state.unauthenticated >= state.settings.max_unauthenticated:
+            await websocket.send_text(json.dumps(error_event("overloaded", "too many connections are waiting to authenticate")))
+            await websocket.close(TRY_AGAIN_LATER, "too many unauthenticated connections")
+            return
+        state.unauthenticated += 1
     connection = Connection(websocket, state, authenticated)
+    try:
+        await serve(connection)
+    finally:
+        if not connection.authenticated:
+            state.unauthenticated -= 1
+
+
+async def serve(connection: Connection) -> None:
+    """Run a connection's two loops until one ends; close with the code it asked for."""
+    websocket = connection.ws
     receiver = asyncio.create_task(connection.receive_loop())
     sender = asyncio.create_task(connection.send_loop())
     close = None

@@ -87,6 +87,11 @@ class SentenceBuffer:
         self._pending = self._pending[sum(map(len, ready)) :]
         return _clean(ready)
 
+    @property
+    def pending_chars(self) -> int:
+        """Characters received but not yet released as sentences."""
+        return len(self._pending)
+
     def flush(self) -> list[str]:
         """The rest, at the end of the text; the buffer is empty afterwards."""
         pending, self._pending = self._pending, ""

@@ -1,0 +1,87 @@
+"""Every route that streams generated audio, and raw-socket clients that misbehave on them.
+
+Hostile-client tests (tests/integration/test_fuzz.py) and the load script (bench/load.py) iterate
+over :data:`STREAMING_ROUTES`: a new streaming route is added here once and inherits every
+slow/abandoned/hostile client case.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StreamingRoute:
+    """``endpoint`` is the route's label in ``csm_requests_total``."""
+
+    name: str
+    path: str
+    endpoint: str
+    #: Whether audio goes out as it is generated (False: the whole file at the end).
+    streams: bool = True
+
+    def body(self, text: str, request_id: str) -> dict:
+        if self.endpoint == "openai":
+            return {"model": "tts-1", "input": text, "voice": "alloy", "response_format": "pcm"}
+        return {"text": text, "request_id": request_id}
+
+    def open(self, port: int, text: str, request_id: str, rcvbuf: int = 4096) -> socket.socket:
+        """Send one request over a raw socket with a small receive buffer, and read nothing."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(10)  # a test fails, never hangs, on a server that does not answer
+        sock.connect(("127.0.0.1", port))
+        payload = json.dumps(self.body(text, request_id)).encode()
+        if self.endpoint == "ws":
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(
+                f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:  # the handshake's answer, as any client reads it
+                data = sock.recv(1)
+                if not data:
+                    raise ConnectionError(f"handshake refused: {answer!r}")
+                answer += data
+            sock.sendall(masked_text_frame(payload))
+        else:
+            sock.sendall(
+                f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"X-Request-Id: {request_id}\r\n"
+                f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+            )
+        return sock
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    """One client-to-server WebSocket text frame (clients must mask)."""
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        header = bytes([0x81, 0x80 | length])
+    elif length < 1 << 16:
+        header = bytes([0x81, 0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        header = bytes([0x81, 0x80 | 127]) + length.to_bytes(8, "big")
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+STREAMING_ROUTES = (
+    StreamingRoute("websocket", "/ws/generate", "ws"),
+    StreamingRoute("rest", "/generate", "rest", streams=False),
+    StreamingRoute("openai", "/v1/audio/speech", "openai"),
+)
+
+
+def counter(metrics_text: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample in ``/metrics`` text (0 when absent)."""
+    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in metrics_text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
