@@ -15,12 +15,27 @@ import time
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
-# ?token=... in access-log lines, and anything shaped like a bearer credential.
-_SECRET = re.compile(r"((?:token|api_key|key)=)[^&\s\"']+|(Bearer\s+)[^\s\"']+", re.IGNORECASE)
+# ?token=... in access-log lines, anything shaped like a bearer credential, and Hugging Face tokens.
+# A value written as a <placeholder> is an instruction to the reader ("export HF_TOKEN=<read token>"),
+# not a secret: it is matched whole, so that it is left alone rather than cut at its first space.
+_SECRET = re.compile(
+    r"(?P<prefix>(?:token|api_key|key)=|Bearer\s+)(?P<value><[\w .-]{1,40}>|[^&\s\"']+)"
+    r"|(?P<hf>\bhf_[A-Za-z0-9]{20,})",
+    re.IGNORECASE,
+)
+_PLACEHOLDER = re.compile(r"<[\w .-]{1,40}>")
+
+
+def _hide(match: re.Match) -> str:
+    if match.group("hf"):
+        return "[redacted]"
+    value = match.group("value")
+    return match.group(0) if _PLACEHOLDER.fullmatch(value) else match.group("prefix") + "[redacted]"
 
 
 def redact(text: str) -> str:
-    return _SECRET.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", text)
+    """``text`` with credentials replaced by ``[redacted]``; ``<placeholders>`` in instructions stay."""
+    return _SECRET.sub(_hide, text)
 
 
 class ContextFilter(logging.Filter):
