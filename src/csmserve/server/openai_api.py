@@ -1,8 +1,9 @@
 """OpenAI-compatible speech API: ``POST /v1/audio/speech`` and ``GET /v1/models``.
 
-Tools built for OpenAI's TTS (the ``openai`` package, agent frameworks) work unchanged: audio
-streams as it is generated, in mp3, opus, aac, flac, wav or pcm (24 kHz s16le), as raw bytes or as
-server-sent events. ``voice`` takes a speaker id ("0".."9"), a registered voice (id or name), or
+Tools built for OpenAI's TTS (the ``openai`` package, agent frameworks) work unchanged: audio in mp3,
+opus, aac, flac, wav or pcm (24 kHz s16le), as one complete file (headers with the length: any reader,
+libsndfile's included, reads it), or streamed as it is generated when the client reads a stream (the SDK's
+``with_streaming_response``, ``"stream": true``, or server-sent events). ``voice`` takes a speaker id ("0".."9"), a registered voice (id or name), or
 one of OpenAI's voice names, mapped to speaker ids (:data:`OPENAI_VOICES`). ``speed`` other than
 1.0 is refused with a 400: CSM speaks at its own pace, and time-stretching would change the voice.
 """
@@ -15,7 +16,7 @@ import logging
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from csmserve.audio.containers import RESPONSE_FORMATS, make_container_encoder
 from csmserve.errors import CsmServeError, DeadlineExceeded, InvalidRequest, Overloaded
@@ -58,6 +59,24 @@ def _voice_fields(voice, state) -> dict:
     )
 
 
+#: The ``openai`` SDK marks a response it reads as a stream (``with_streaming_response``) with this header.
+SDK_STREAM_HEADER = "x-stainless-raw-response"
+
+
+def _wants_stream(request: Request, stream) -> bool | InvalidRequest:
+    """Whether the client reads the audio as it is generated, rather than as one file.
+
+    ``"stream": true|false`` in the body decides (a csmserve extension); without it, the ``openai`` SDK's
+    ``with_streaming_response`` streams and everything else (``speech.create``, curl, a browser) gets a
+    complete file.
+    """
+    if stream is not None:
+        if not isinstance(stream, bool):
+            return InvalidRequest("stream must be true or false")
+        return stream
+    return request.headers.get(SDK_STREAM_HEADER) == "stream"
+
+
 @router.get("/models")
 async def models() -> dict:
     created = int(time.time())
@@ -93,6 +112,10 @@ async def speech(request: Request):
     stream_format = body.get("stream_format", "audio")
     if stream_format not in ("audio", "sse"):
         return openai_error(400, "stream_format must be audio or sse", "stream_format")
+    streamed = _wants_stream(request, body.get("stream"))
+    if isinstance(streamed, InvalidRequest):
+        return openai_error(400, streamed.message, "stream")
+    streamed = streamed or stream_format == "sse"
     try:
         fields = _voice_fields(body.get("voice"), state)
         options = parse_options({**fields, "seed": body.get("seed")}, state.limits, text)
@@ -102,7 +125,7 @@ async def speech(request: Request):
     engine = state.engine
     if not engine.info.ready:
         return openai_error(503, "the model is still loading; retry when /health says healthy")
-    encoder = make_container_encoder(response_format)
+    encoder = make_container_encoder(response_format, whole_file=not streamed)
     try:
         state.enter("openai")
     except Overloaded as exc:
@@ -112,9 +135,9 @@ async def speech(request: Request):
         )
     stats = StreamStats(engine.sample_rate)
 
-    async def audio_bytes():
+    async def encoded():
+        """The encoder's bytes as the engine's audio arrives; raises CsmServeError, leaves ``state`` to the caller."""
         stream = engine.synthesize(synth)
-        outcome = "disconnected"
         try:
             with deadline(state.settings.request_timeout_s):
                 async for piece in stream:
@@ -126,7 +149,33 @@ async def speech(request: Request):
                         yield data
             tail = encoder.flush()
             if tail:
+                if stats.first_audio is None:
+                    stats.first_audio = time.monotonic()
                 yield tail
+        finally:
+            await stream.aclose()
+
+    if not streamed:
+        outcome = "error"
+        try:
+            whole = b"".join([data async for data in encoded()])
+            outcome = "ok"
+        except CsmServeError as exc:
+            outcome = "timeout" if isinstance(exc, DeadlineExceeded) else "error"
+            return JSONResponse(
+                {"error": {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}},
+                status_code=exc.http_status,
+            )
+        finally:
+            state.leave()
+            state.metrics.finished("openai", outcome, stats)
+        return Response(whole, media_type=encoder.media_type)
+
+    async def audio_bytes():
+        outcome = "disconnected"
+        try:
+            async for data in encoded():
+                yield data
             outcome = "ok"
         except DeadlineExceeded as exc:
             outcome = "timeout"
@@ -137,7 +186,6 @@ async def speech(request: Request):
         finally:
             state.leave()
             state.metrics.finished("openai", outcome, stats)
-            await stream.aclose()
 
     if stream_format == "audio":
         return StreamingResponse(audio_bytes(), media_type=encoder.media_type)
