@@ -71,7 +71,7 @@ def sync(device: str) -> None:
 
 
 def prompt_for(model) -> torch.Tensor:
-    """A fixed prompt valid for the model's text vocabulary (the offline checkpoint's is byte-level)."""
+    """A fixed prompt valid for the model's text vocabulary (a small one gets byte-level ids)."""
     if model.config.text_vocab_size > int(PROMPT.max()):
         return PROMPT
     return torch.tensor([[256, 58, 48, 60, *b"Hello world, this is a test of the server.", 257]])
@@ -268,7 +268,7 @@ def ttfa(model, dtype: str, device: str, utterances: dict[str, int], repeats: in
     from csmserve.engine.csm import CsmEngine
     from csmserve.engine.loading import LoadedModel
 
-    processor = AutoProcessor.from_pretrained(tiny_dir)  # byte-level ids are valid for the full-size vocab
+    processor = AutoProcessor.from_pretrained(tiny_dir)  # Llama 3 ids: the real model's prompts
     loaded = LoadedModel(model=model, processor=processor, path=Path("csm-1b-architecture-random"), device=device, dtype=dtype)
     # Every request here sends the same prompt: with prefix reuse the repeats would skip their prefill, and
     # this table is about a prompt the server has not seen (reuse has its own table).
@@ -350,7 +350,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 tiny_dir = make_tiny_model(Path(tmp) / "tiny")
                 rows = ttfa(model, dtype, device, {"2 s": 25, "8 s": 100}, 3, tiny_dir)
-                from transformers import AutoProcessor  # byte-level ids are valid for the full-size vocab
+                from transformers import AutoProcessor  # Llama 3 ids: the real model's prompts
 
                 voice_row = voice_first_frame(model, AutoProcessor.from_pretrained(tiny_dir), device, 3)
             print(f"voice context {dtype}: first frame cold {voice_row['cold_ms']:.0f} ms, "
