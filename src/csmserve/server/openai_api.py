@@ -136,7 +136,7 @@ async def speech(request: Request):
     stats = StreamStats(engine.sample_rate)
 
     async def encoded():
-        """The encoder's bytes as the engine's audio arrives; raises CsmServeError, leaves ``state`` to the caller."""
+        """The encoder's bytes as the audio arrives; raises CsmServeError; ``state`` is the caller's."""
         stream = engine.synthesize(synth)
         try:
             with deadline(state.settings.request_timeout_s):
@@ -156,7 +156,7 @@ async def speech(request: Request):
             await stream.aclose()
 
     if not streamed:
-        outcome = "error"
+        outcome = "disconnected"  # unless it completes or fails below
         try:
             whole = b"".join([data async for data in encoded()])
             outcome = "ok"
