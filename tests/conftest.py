@@ -21,8 +21,9 @@ if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os
     import getpass
     import tempfile
 
+    level = os.environ["ATEN_CPU_CAPABILITY"].lower()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
-        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY'].lower()}"
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{level}"
     )
 
 import torch  # noqa: E402

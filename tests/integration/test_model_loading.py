@@ -208,7 +208,7 @@ def test_bfloat16_on_cpu_keeps_the_codec_in_float32_unless_bf16_is_native(tiny_m
 
 @pytest.mark.parametrize(("native", "codec_dtype"), [(False, torch.float32), (True, torch.bfloat16)])
 def test_bfloat16_codec_follows_whether_the_cpu_runs_bf16_natively(tiny_model_dir, native, codec_dtype):
-    """Without native bf16 the codec goes back to float32 (and decodes like a float32 codec); with it, it stays."""
+    """Without native bf16 the codec goes back to float32 (and decodes like one); with it, it stays bfloat16."""
     from transformers import CsmForConditionalGeneration
 
     from csmserve.engine.mimi_stream import StreamingMimiDecoder
@@ -231,6 +231,7 @@ def test_auto_dtype_on_cpu_is_what_this_cpu_runs_natively(tiny_model_dir, caplog
     loaded = load_csm(str(tiny_model_dir), "cpu", "auto")
     expected = "bfloat16" if this_cpu_bf16_native() else "float32"
     assert loaded.dtype == expected
-    assert loaded.model.backbone_model.embed_tokens.embed_audio_tokens.weight.dtype == getattr(torch, expected)
+    weights = loaded.model.backbone_model.embed_tokens.embed_audio_tokens.weight
+    assert weights.dtype == getattr(torch, expected)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loading "))
     assert f"in {expected} (auto: " in line and torch.backends.cpu.get_cpu_capability() in line

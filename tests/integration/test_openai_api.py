@@ -59,7 +59,8 @@ def test_speech_create_returns_a_complete_file_both_readers_decode(client, fake_
 
 def test_speech_create_flac_states_its_samples_and_md5(client, fake_server):
     """The flac the openai client gets has STREAMINFO's total samples and MD5 (libsndfile needs the count)."""
-    data = client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format="flac").content
+    response = client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format="flac")
+    data = response.content
     pcm = float_to_pcm16(generated(fake_server.engine))
     assert flac_streaminfo(data) == (24000, len(pcm), hashlib.md5(pcm.astype("<i2").tobytes()).digest())
 
@@ -72,7 +73,7 @@ def test_speech_create_wav_states_its_sizes(client, fake_server):
 
 @pytest.mark.parametrize("fmt", sorted(STREAM_EXTRA))
 def test_streaming_response_in_each_format_is_read_by_streaming_readers(client, fake_server, fmt):
-    """with_streaming_response gets a chunked stream that PyAV (and libsndfile, for wav, mp3, opus) reads whole."""
+    """with_streaming_response gets a chunked stream; PyAV (and libsndfile: wav, mp3, opus) reads it whole."""
     with client.audio.speech.with_streaming_response.create(
         model="tts-1", voice="alloy", input=TEXT, response_format=fmt
     ) as response:
@@ -91,7 +92,8 @@ def test_streaming_response_in_each_format_is_read_by_streaming_readers(client, 
     (None, {}, True),
 ])
 def test_stream_field_chooses_a_stream_or_a_whole_file(fake_server, stream, headers, whole):
-    """"stream": true streams (chunked), false a whole file even for the SDK's streaming reader; unset, a whole file."""
+    """The body's "stream": true streams (chunked); false gives a whole file even to the SDK's
+    streaming reader; unset (no SDK header), a whole file."""
     body = {"model": "tts-1", "voice": "alloy", "input": TEXT, "response_format": "flac"}
     if stream is not None:
         body["stream"] = stream

@@ -63,13 +63,15 @@ def test_generate_writes_the_requested_encoding_and_rate(fake_server, body, subt
     ({"format": "alaw"}, 1),
 ])
 def test_generated_wav_is_complete_for_both_readers(fake_server, body, bytes_per_sample):
-    """The downloaded WAV states its sizes, and soundfile and PyAV both decode the samples /generate reports."""
+    """The downloaded WAV states its sizes; soundfile and PyAV both decode the samples /generate reports."""
     answer = httpx.post(fake_server.http + "/generate", json={"text": TEXT, **body}).json()
     data = httpx.get(fake_server.http + answer["url"]).content
     assert wav_sizes(data) == (len(data) - 8, answer["samples"] * bytes_per_sample)
     expected = (answer["samples"], answer["sample_rate"])
     assert soundfile_samples(data) == pyav_samples(data) == expected
-    direct = httpx.post(fake_server.http + "/generate", json={"text": TEXT, **body}, headers={"Accept": "audio/wav"})
+    direct = httpx.post(
+        fake_server.http + "/generate", json={"text": TEXT, **body}, headers={"Accept": "audio/wav"}
+    )
     assert soundfile_samples(direct.content) == pyav_samples(direct.content) == expected
 
 

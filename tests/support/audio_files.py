@@ -33,7 +33,8 @@ def adts_samples(data: bytes) -> tuple[int, int]:
     position, samples, rate = 0, 0, None
     while position < len(data):
         header = data[position : position + 7]
-        assert len(header) == 7 and header[0] == 0xFF and header[1] & 0xF0 == 0xF0, f"no ADTS frame at {position}"
+        synced = len(header) == 7 and header[0] == 0xFF and header[1] & 0xF0 == 0xF0
+        assert synced, f"no ADTS frame at byte {position}"
         rate = ADTS_RATES[(header[2] >> 2) & 0x0F]
         length = ((header[3] & 0x03) << 11) | (header[4] << 3) | (header[5] >> 5)
         samples += 1024 * ((header[6] & 0x03) + 1)

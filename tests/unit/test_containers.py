@@ -178,7 +178,7 @@ def test_whole_file_decodes_to_the_input_length_in_two_readers(fmt):
 
 
 def test_whole_file_flac_streaminfo_has_total_samples_and_md5():
-    """The complete flac states its sample count and the MD5 of its samples; libsndfile reads it losslessly."""
+    """The complete flac states its sample count and its samples' MD5; libsndfile reads it losslessly."""
     import hashlib
 
     signal = _noise()
@@ -192,7 +192,7 @@ def test_whole_file_flac_streaminfo_has_total_samples_and_md5():
 
 
 def test_streamed_flac_says_its_length_is_unknown():
-    """A streamed flac never goes back to its header: STREAMINFO says 0 samples and no MD5 (FFmpeg reads it)."""
+    """A streamed flac never goes back to its header: STREAMINFO says 0 samples, no MD5; FFmpeg reads it."""
     signal = _noise()
     data = b"".join(_encode_in_frames(make_container_encoder("flac"), signal))
     assert flac_streaminfo(data)[1:] == (0, bytes(16))

@@ -1,4 +1,4 @@
-"""``--dtype auto`` on a CPU and the codec's dtype: decided from the CPU's capability string and flags alone."""
+"""``--dtype auto`` on a CPU and the codec's dtype: decided from the capability string and CPU flags alone."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_the_reason_names_what_was_found():
         ("cuda", "float16", False, False),
     ],
 )
-def test_codec_stays_float32_on_a_cpu_exactly_when_its_dtype_is_not_native(device, dtype, native, float32_codec):
+def test_codec_stays_float32_on_a_cpu_exactly_when_bf16_is_not_native(device, dtype, native, float32_codec):
     """The codec rule applies the same test as --dtype auto."""
     assert keep_codec_float32(device, dtype, native) is float32_codec
 

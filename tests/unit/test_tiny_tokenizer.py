@@ -47,7 +47,8 @@ def test_token_ids_equal_tiktokens_over_the_same_ranks(processor, tiktoken_llama
 def test_special_token_ids_are_llama3s_and_csms(processor):
     """BOS 128000, EOS 128001; csm-1b's <|AUDIO|> and <|audio_eos|> are Llama 3's first reserved ids."""
     tokenizer = processor.tokenizer
-    ids = tokenizer.convert_tokens_to_ids(["<|begin_of_text|>", "<|end_of_text|>", "<|AUDIO|>", "<|audio_eos|>"])
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|AUDIO|>", "<|audio_eos|>"]
+    ids = tokenizer.convert_tokens_to_ids(names)
     assert ids == [128_000, 128_001, 128_002, 128_003]
     assert tokenizer.convert_tokens_to_ids("<|eot_id|>") == 128_009
     assert tokenizer.convert_tokens_to_ids("<|reserved_special_token_245|>") == 128_255
@@ -58,7 +59,8 @@ def test_checkpoint_config_matches_the_tokenizer(processor, tiny_model_dir):
     """config.json's text vocabulary and special ids are the tokenizer's: 128,256 rows, BOS, EOS, audio."""
     config = AutoConfig.from_pretrained(tiny_model_dir)
     assert config.text_vocab_size == len(processor.tokenizer) == 128_256
-    assert (config.bos_token_id, config.audio_token_id, config.audio_eos_token_id) == (128_000, 128_002, 128_003)
+    special = (config.bos_token_id, config.audio_token_id, config.audio_eos_token_id)
+    assert special == (128_000, 128_002, 128_003)
 
 
 def test_the_model_card_prompt_is_bos_text_eos(processor, tiktoken_llama3):
@@ -72,7 +74,8 @@ def test_the_model_card_prompt_is_bos_text_eos(processor, tiktoken_llama3):
 def test_chat_template_turns_get_bos_and_eos(processor):
     """A conversation through the chat template tokenizes as BOS [speaker]text EOS per turn."""
     conversation = [{"role": "0", "content": [{"type": "text", "text": "Hi there."}]}]
-    ids = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"][0].tolist()
+    encoded = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)
+    ids = encoded["input_ids"][0].tolist()
     assert ids[0] == 128_000 and ids[-1] == 128_001
     assert ids == processor("[0]Hi there.", add_special_tokens=True)["input_ids"][0].tolist()
 

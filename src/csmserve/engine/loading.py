@@ -112,7 +112,8 @@ class DtypeChoice:
 
 
 def cpu_bf16_native(capability: str, flags: Iterable[str]) -> bool:
-    """Whether a CPU runs bfloat16 natively: ATen's vector level is AVX-512 and the CPU has AVX-512 BF16 or AMX.
+    """Whether a CPU runs bfloat16 natively: ATen's vector level is AVX-512 and the CPU has AVX-512 BF16
+    or AMX.
 
     ``capability`` is :func:`torch.backends.cpu.get_cpu_capability` ("AVX512", "AVX2", "DEFAULT", ...),
     ``flags`` the CPU's feature names (``avx512_bf16``, ``amx_bf16``, ...). Anything less emulates

@@ -132,7 +132,9 @@ def tiny_config():
     from transformers import CsmConfig
 
     first_special = TEXT_VOCAB_SIZE - len(LLAMA3_SPECIAL_TOKENS)
-    bos_id, eos_id, audio_id, audio_eos_id = (first_special + LLAMA3_SPECIAL_TOKENS.index(t) for t in SPECIAL_IDS)
+    bos_id, eos_id, audio_id, audio_eos_id = (
+        first_special + LLAMA3_SPECIAL_TOKENS.index(token) for token in SPECIAL_IDS
+    )
     rope = {"rope_type": "default", "rope_theta": 500000.0}
     # The text embedding has Llama 3's 128,256 rows: a width of 32 keeps it at 16 MB in float32.
     return CsmConfig(
@@ -209,7 +211,7 @@ def bpe_from_ranks(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[
     from tokenizers.pre_tokenizers import ByteLevel
 
     # ByteLevel's printable alphabet, in the order GPT-2's bytes_to_unicode assigns it.
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # "!".."~", "¡".."¬", "®".."ÿ"
     unicode_of = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
