@@ -120,8 +120,12 @@ def cpu_bf16_native(capability: str, flags: Iterable[str]) -> bool:
     bfloat16 by converting to float32 and back, which is slower than float32 itself
     (ATEN_CPU_CAPABILITY=avx2 forces that path on any CPU).
     """
-    wide = capability.strip().upper().replace(" ", "_").startswith("AVX512")
-    return wide and any(flag in set(flags) for flag in NATIVE_BF16_FLAGS)
+    present = set(flags)
+    return _avx512(capability) and any(flag in present for flag in NATIVE_BF16_FLAGS)
+
+
+def _avx512(capability: str) -> bool:
+    return capability.strip().upper().startswith("AVX512")
 
 
 def choose_cpu_dtype(capability: str, flags: Iterable[str]) -> DtypeChoice:
@@ -131,7 +135,7 @@ def choose_cpu_dtype(capability: str, flags: Iterable[str]) -> DtypeChoice:
     if cpu_bf16_native(capability, flags):
         found = ", ".join(f for f in NATIVE_BF16_FLAGS if f in flags)
         return DtypeChoice("bfloat16", f"the CPU runs bfloat16 natively ({capability} with {found})")
-    if capability.strip().upper().startswith("AVX512"):
+    if _avx512(capability):
         why = f"{capability} without AVX512_BF16 or AMX: bfloat16 would be emulated, slower than float32"
     else:
         why = f"{capability} kernels have no native bfloat16: it would be emulated, slower than float32"
@@ -183,7 +187,8 @@ def keep_codec_float32(device: str, dtype: str, bf16_native: bool) -> bool:
     On a CPU without native bfloat16, Mimi's convolutions in half precision run on slow reference
     kernels (2-3x float32's time per frame); the codec is small, so it stays float32. Where bfloat16
     is native (the same test as ``--dtype auto``) a bfloat16 codec runs on native kernels and stays so.
-    float16 is never native on the CPUs torch targets here. Codes are integers, so the two never mix.
+    A float16 codec goes to float32 on every CPU: float16 kernels (AVX512_FP16, AMX-FP16) are rare and
+    not detected here. Codes are integers, so the two dtypes never mix.
     """
     if device != "cpu" or dtype == "float32":
         return False
