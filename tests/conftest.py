@@ -14,6 +14,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# torch.compile's on-disk cache does not tell kernels built for one ATEN_CPU_CAPABILITY from another's:
+# a run forced down to AVX2 (tests/README.md) reusing the default run's kernels generates wrong codes.
+# Each forced level gets a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import getpass
+    import tempfile
+
+    level = os.environ["ATEN_CPU_CAPABILITY"].lower()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{level}"
+    )
+
 import torch  # noqa: E402
 
 # The offline model is tiny: one intra-op thread is fastest, and two would fight the server threads.

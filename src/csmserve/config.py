@@ -30,7 +30,11 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="auto: bfloat16 on CUDA that supports it, else float16 on CUDA, float32 on CPU."
+        "auto",
+        description=(
+            "auto: bfloat16 on CUDA that supports it, else float16 on CUDA; on a CPU, bfloat16 where it is "
+            "native (AVX-512 BF16 or AMX), else float32. The start-up log says which and why."
+        ),
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -18,25 +18,39 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 
 #: Query parameters that carry credentials, by their *decoded* name (``%74oken`` is ``token``).
 SECRET_PARAMS = {"token", "api_key", "apikey", "key", "access_token"}
-# A query parameter (name=value, the name possibly percent-encoded), or a bearer credential.
-_PARAM = re.compile(r"(?P<name>[^?&;=\s\"'/]+)=(?P<value>[^&;\s\"']*)")
-_BEARER = re.compile(r"(Bearer\s+)[^\s\"']+", re.IGNORECASE)
+# A value written as a <placeholder> is an instruction to the reader ("export HF_TOKEN=<read token>"),
+# not a secret: it is matched whole, so that it is left alone rather than cut at its first space.
+_PLACEHOLDER = r"<[\w .-]{1,40}>"
+# A query parameter (name=value, the name possibly percent-encoded), a bearer credential, a Hugging Face token.
+_PARAM = re.compile(rf"(?P<name>[^?&;=\s\"'/]+)=(?P<value>{_PLACEHOLDER}|[^&;\s\"']*)")
+_BEARER = re.compile(rf"(?P<prefix>Bearer\s+)(?P<value>{_PLACEHOLDER}|[^\s\"']+)", re.IGNORECASE)
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 # C0/C1 controls, DEL, and line/paragraph separators: nothing a client sends may start a log line.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 MAX_ID_CHARS = 128
 
 
+def _is_placeholder(value: str) -> bool:
+    return re.fullmatch(_PLACEHOLDER, value) is not None
+
+
 def _redact_param(match: re.Match) -> str:
     name = unquote_plus(match.group("name")).lower()
-    return f"{match.group('name')}=[redacted]" if name in SECRET_PARAMS else match.group(0)
+    if name not in SECRET_PARAMS or _is_placeholder(match.group("value")):
+        return match.group(0)
+    return f"{match.group('name')}=[redacted]"
+
+
+def _redact_bearer(match: re.Match) -> str:
+    return match.group(0) if _is_placeholder(match.group("value")) else match.group("prefix") + "[redacted]"
 
 
 def redact(text: str) -> str:
-    """``text`` with query-string credentials (whatever the encoding of their name) and bearer
-    tokens replaced by ``[redacted]``."""
+    """``text`` with query-string credentials (whatever the encoding of their name), bearer tokens and
+    Hugging Face tokens replaced by ``[redacted]``; ``<placeholders>`` in instructions stay."""
     if "=" in text:
         text = _PARAM.sub(_redact_param, text)
-    return _BEARER.sub(lambda m: m.group(1) + "[redacted]", text)
+    return _HF_TOKEN.sub("[redacted]", _BEARER.sub(_redact_bearer, text))
 
 
 def clean_id(value: str | None) -> str | None:

@@ -53,6 +53,8 @@ def test_without_token_or_cache_it_serves_the_offline_model_with_a_loud_warning(
     assert body["offline_model"] is True and body["status"] == "healthy"
     log = (tmp / "server.log").read_text()
     assert "OFFLINE MODEL" in log and "NOISE" in log
+    assert "export HF_TOKEN=<read token>, and restart" in log  # an instruction, not a redacted secret
+    assert f"in {body['dtype']} (auto: " in log  # --dtype auto says what it picked and why
     assert (tmp / "offline" / "config.json").is_file()
 
 

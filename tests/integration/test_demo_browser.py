@@ -7,6 +7,7 @@ its live state as ``window.csmDemo``; these tests read it and the page's metric 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -156,8 +157,9 @@ def test_page_shows_time_to_first_audio_duration_and_rtf(fake_server, page):
     client_ttfa = re.fullmatch(r"(\d+) ms", page.text_content("#ttfa-client"))
     server_ttfa = re.fullmatch(r"(\d+) ms", page.text_content("#ttfa-server"))
     duration = re.fullmatch(r"(\d+\.\d\d) s", page.text_content("#audio-duration"))
-    assert client_ttfa and int(client_ttfa[1]) == round(demo["ttfaMs"])
-    assert server_ttfa and int(server_ttfa[1]) == round(done["ttfa_ms"])
+    # The page rounds as JavaScript does (Math.round: halves up), not as Python's round (halves to even).
+    assert client_ttfa and int(client_ttfa[1]) == math.floor(demo["ttfaMs"] + 0.5)
+    assert server_ttfa and int(server_ttfa[1]) == math.floor(done["ttfa_ms"] + 0.5)
     assert duration and float(duration[1]) == pytest.approx(done["audio_ms"] / 1000, abs=0.006)
     assert float(page.text_content("#rtf")) == pytest.approx(done["rtf"], rel=0.05, abs=0.001)
     assert page.text_content("#chunks") == str(done["chunks"])

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from csmserve.engine.loading import load_csm
+from csmserve.engine.loading import codec_to_float32_on_cpu, load_csm, this_cpu_bf16_native
 from csmserve.errors import LoadOutOfMemory, NotACsmCheckpoint
 from support.fake_hub import fake_hub
 from support.servers import running_server
@@ -191,8 +191,8 @@ def test_broken_checkpoint_is_not_a_csm_checkpoint(tmp_path, tiny_model_dir):
         load_csm(str(broken), "cpu", "float32")
 
 
-def test_half_precision_on_cpu_keeps_the_codec_in_float32(tiny_model_dir):
-    """bfloat16 on a CPU: the transformers load in bfloat16, the codec stays float32 and still decodes."""
+def test_bfloat16_on_cpu_keeps_the_codec_in_float32_unless_bf16_is_native(tiny_model_dir):
+    """bfloat16 on this CPU: the transformers load in bfloat16; the codec is float32 unless bf16 is native."""
     from csmserve.engine.mimi_stream import StreamingMimiDecoder
 
     loaded = load_csm(str(tiny_model_dir), "cpu", "bfloat16")
@@ -200,9 +200,38 @@ def test_half_precision_on_cpu_keeps_the_codec_in_float32(tiny_model_dir):
     assert loaded.dtype == "bfloat16"
     assert model.backbone_model.embed_tokens.embed_audio_tokens.weight.dtype == torch.bfloat16
     assert model.depth_decoder.codebooks_head.weight.dtype == torch.bfloat16
-    assert {p.dtype for p in model.codec_model.parameters()} == {torch.float32}
-    codes = torch.randint(0, 2048, (32, 3))
-    audio = StreamingMimiDecoder(model.codec_model).decode(codes)
-    with torch.inference_mode():
-        whole = model.codec_model.decode(codes[None]).audio_values[0, 0]
-    assert torch.allclose(audio, whole, atol=1e-4)
+    codec_dtype = torch.bfloat16 if this_cpu_bf16_native() else torch.float32
+    assert {p.dtype for p in model.codec_model.parameters()} == {codec_dtype}
+    audio = StreamingMimiDecoder(model.codec_model).decode(torch.randint(0, 2048, (32, 3)))
+    assert audio.shape == (3 * 1920,) and audio.dtype == torch.float32 and audio.abs().max() > 0
+
+
+@pytest.mark.parametrize(("native", "codec_dtype"), [(False, torch.float32), (True, torch.bfloat16)])
+def test_bfloat16_codec_follows_whether_the_cpu_runs_bf16_natively(tiny_model_dir, native, codec_dtype):
+    """Without native bf16 the codec goes back to float32 (and decodes like one); with it, it stays bfloat16."""
+    from transformers import CsmForConditionalGeneration
+
+    from csmserve.engine.mimi_stream import StreamingMimiDecoder
+
+    model = CsmForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    assert codec_to_float32_on_cpu(model, "cpu", bf16_native=native) is (not native)
+    assert {p.dtype for p in model.codec_model.parameters()} == {codec_dtype}
+    assert codec_to_float32_on_cpu(model, "cuda", bf16_native=False) is False  # a GPU keeps what it has
+    if not native:
+        codes = torch.randint(0, 2048, (32, 3))
+        audio = StreamingMimiDecoder(model.codec_model).decode(codes)
+        with torch.inference_mode():
+            whole = model.codec_model.decode(codes[None]).audio_values[0, 0]
+        assert torch.allclose(audio, whole, atol=1e-4)
+
+
+def test_auto_dtype_on_cpu_is_what_this_cpu_runs_natively(tiny_model_dir, caplog):
+    """--dtype auto on this CPU loads bfloat16 where bf16 is native, float32 elsewhere, and logs why."""
+    caplog.set_level("INFO", logger="csmserve.engine.loading")
+    loaded = load_csm(str(tiny_model_dir), "cpu", "auto")
+    expected = "bfloat16" if this_cpu_bf16_native() else "float32"
+    assert loaded.dtype == expected
+    weights = loaded.model.backbone_model.embed_tokens.embed_audio_tokens.weight
+    assert weights.dtype == getattr(torch, expected)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loading "))
+    assert f"in {expected} (auto: " in line and torch.backends.cpu.get_cpu_capability() in line

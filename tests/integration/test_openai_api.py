@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 
-import av
 import httpx
+import numpy as np
 import openai
 import pytest
+import soundfile as sf
 
 from csmserve.audio.pcm import float_to_pcm16
 from csmserve.engine import SynthesisRequest
+from support.audio_files import adts_samples, flac_streaminfo, pyav_samples, soundfile_samples, wav_sizes
 
 TEXT = "Hello from the OpenAI compatible endpoint."
 
@@ -22,24 +25,82 @@ def client(fake_server):
     return openai.OpenAI(base_url=fake_server.http + "/v1", api_key="unused", max_retries=0)
 
 
-def decoded_seconds(data: bytes) -> tuple[float, int]:
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
-        samples = sum(frame.samples for frame in container.decode(stream))
-        return samples / stream.rate, stream.rate
-
-
 def expected_seconds(engine, speaker_id=0) -> float:
     return len(engine.render(SynthesisRequest(TEXT, speaker_id=speaker_id, max_audio_ms=90_000))) / 24000
 
 
-@pytest.mark.parametrize("fmt", ["mp3", "opus", "aac", "flac", "wav"])
-def test_speech_returns_decodable_audio_in_each_format(client, fake_server, fmt):
-    """audio.speech.create returns a file of the requested format with the utterance's duration."""
+# Samples a decoder may give beyond the audio generated (see tests/unit/test_containers.py): a whole
+# file states its length; a stream cannot (mp3 then keeps its ~1100-sample encoder delay, aac its priming).
+WHOLE_EXTRA = {"wav": 0, "flac": 0, "opus": 0, "mp3": 576, "aac": 2047}
+STREAM_EXTRA = {"wav": 0, "flac": 0, "opus": 0, "mp3": 2400, "aac": 2047}
+
+
+def generated(engine, speaker_id=0) -> np.ndarray:
+    return engine.render(SynthesisRequest(TEXT, speaker_id=speaker_id, max_audio_ms=90_000))
+
+
+def assert_length(samples_and_rate: tuple[int, int], expected: int, extra: int) -> None:
+    samples, rate = samples_and_rate
+    at_24k = samples * 24000 // rate  # Ogg Opus decodes at 48 kHz in FFmpeg
+    assert expected <= at_24k <= expected + extra, (samples, rate, expected)
+
+
+@pytest.mark.parametrize("fmt", sorted(WHOLE_EXTRA))
+def test_speech_create_returns_a_complete_file_both_readers_decode(client, fake_server, fmt):
+    """audio.speech.create gets a whole file with Content-Length; soundfile (ADTS headers for aac) and PyAV
+    both decode it to the number of samples generated."""
     response = client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format=fmt)
-    seconds, rate = decoded_seconds(response.content)
-    assert rate in (24000, 48000)  # opus decodes at 48 kHz
-    assert seconds == pytest.approx(expected_seconds(fake_server.engine), abs=0.15)
+    data = response.content
+    assert int(response.response.headers["content-length"]) == len(data)
+    expected = len(generated(fake_server.engine))
+    assert_length(adts_samples(data) if fmt == "aac" else soundfile_samples(data), expected, WHOLE_EXTRA[fmt])
+    assert_length(pyav_samples(data), expected, WHOLE_EXTRA[fmt])
+
+
+def test_speech_create_flac_states_its_samples_and_md5(client, fake_server):
+    """The flac the openai client gets has STREAMINFO's total samples and MD5 (libsndfile needs the count)."""
+    response = client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format="flac")
+    data = response.content
+    pcm = float_to_pcm16(generated(fake_server.engine))
+    assert flac_streaminfo(data) == (24000, len(pcm), hashlib.md5(pcm.astype("<i2").tobytes()).digest())
+
+
+def test_speech_create_wav_states_its_sizes(client, fake_server):
+    """The wav the openai client gets has its real RIFF and data sizes, not the streaming 0xFFFFFFFF."""
+    data = client.audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format="wav").content
+    assert wav_sizes(data) == (len(data) - 8, 2 * len(generated(fake_server.engine)))
+
+
+@pytest.mark.parametrize("fmt", sorted(STREAM_EXTRA))
+def test_streaming_response_in_each_format_is_read_by_streaming_readers(client, fake_server, fmt):
+    """with_streaming_response gets a chunked stream; PyAV (and libsndfile: wav, mp3, opus) reads it whole."""
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="alloy", input=TEXT, response_format=fmt
+    ) as response:
+        assert "content-length" not in response.headers
+        assert response.headers["transfer-encoding"] == "chunked"
+        data = b"".join(response.iter_bytes())
+    expected = len(generated(fake_server.engine))
+    assert_length(pyav_samples(data), expected, STREAM_EXTRA[fmt])
+    if fmt in ("wav", "mp3", "opus"):
+        assert_length(soundfile_samples(data), expected, STREAM_EXTRA[fmt])
+
+
+@pytest.mark.parametrize(("stream", "headers", "whole"), [
+    (True, {}, False),
+    (False, {"X-Stainless-Raw-Response": "stream"}, True),
+    (None, {}, True),
+])
+def test_stream_field_chooses_a_stream_or_a_whole_file(fake_server, stream, headers, whole):
+    """The body's "stream": true streams (chunked); false gives a whole file even to the SDK's
+    streaming reader; unset (no SDK header), a whole file."""
+    body = {"model": "tts-1", "voice": "alloy", "input": TEXT, "response_format": "flac"}
+    if stream is not None:
+        body["stream"] = stream
+    response = httpx.post(fake_server.http + "/v1/audio/speech", json=body, headers=headers)
+    assert response.status_code == 200
+    assert ("content-length" in response.headers) is whole
+    assert flac_streaminfo(response.content)[1] == (len(generated(fake_server.engine)) if whole else 0)
 
 
 def test_pcm_format_is_the_raw_24khz_audio(client, fake_server):
@@ -98,6 +159,7 @@ def test_registered_voice_can_be_named(client, fake_server):
         ({"model": "whisper-1"}, "model must be one of"),
         ({"response_format": "ogg"}, "response_format must be one of"),
         ({"input": ""}, "input must be a non-empty string"),
+        ({"extra_body": {"stream": "yes"}}, "stream must be true or false"),
     ],
 )
 def test_bad_requests_are_400s_the_client_reports(client, kwargs, fragment):
@@ -115,8 +177,13 @@ def test_models_are_listed(client):
 
 
 def test_speech_with_the_offline_csm(csm_server):
-    """The endpoint runs the real CSM engine too (offline checkpoint): an mp3 of the generated length."""
+    """The real CSM engine (offline checkpoint): with a seed, a whole flac holds exactly the pcm response's
+    samples, and both readers decode it to that length."""
     client = openai.OpenAI(base_url=csm_server.http + "/v1", api_key="unused", max_retries=0)
-    response = client.audio.speech.create(model="csm-1b", voice="0", input="Hi.", response_format="mp3")
-    seconds, _ = decoded_seconds(response.content)
-    assert seconds > 0.2
+    args = {"model": "csm-1b", "voice": "0", "input": "Hi there.", "extra_body": {"seed": 7}}
+    pcm = np.frombuffer(client.audio.speech.create(response_format="pcm", **args).content, dtype="<i2")
+    flac = client.audio.speech.create(response_format="flac", **args).content
+    assert pcm.size >= 1920 and pcm.size % 1920 == 0  # whole 80 ms frames
+    assert flac_streaminfo(flac)[:2] == (24000, pcm.size)
+    assert soundfile_samples(flac) == pyav_samples(flac) == (pcm.size, 24000)
+    np.testing.assert_array_equal(sf.read(io.BytesIO(flac), dtype="int16")[0], pcm)

@@ -13,6 +13,7 @@ import soundfile as sf
 from csmserve.audio.pcm import float_to_pcm16
 from csmserve.engine import SynthesisRequest
 from csmserve.engine.fake import FakeEngine
+from support.audio_files import pyav_samples, soundfile_samples, wav_sizes
 from support.servers import running_server
 
 TEXT = "Hello world, this is a test."
@@ -54,6 +55,25 @@ def test_generate_writes_the_requested_encoding_and_rate(fake_server, body, subt
     assert (info.subtype, info.samplerate) == (subtype, rate)
     expected = len(fake_server.engine.render(SynthesisRequest(TEXT, max_audio_ms=90_000))) * rate / 24000
     assert abs(info.frames - expected) <= 2
+
+
+@pytest.mark.parametrize("body, bytes_per_sample", [
+    ({}, 2),
+    ({"sample_rate": 44100}, 2),
+    ({"format": "mulaw"}, 1),
+    ({"format": "alaw"}, 1),
+])
+def test_generated_wav_is_complete_for_both_readers(fake_server, body, bytes_per_sample):
+    """The downloaded WAV states its sizes; soundfile and PyAV both decode the samples /generate reports."""
+    answer = httpx.post(fake_server.http + "/generate", json={"text": TEXT, **body}).json()
+    data = httpx.get(fake_server.http + answer["url"]).content
+    assert wav_sizes(data) == (len(data) - 8, answer["samples"] * bytes_per_sample)
+    expected = (answer["samples"], answer["sample_rate"])
+    assert soundfile_samples(data) == pyav_samples(data) == expected
+    direct = httpx.post(
+        fake_server.http + "/generate", json={"text": TEXT, **body}, headers={"Accept": "audio/wav"}
+    )
+    assert soundfile_samples(direct.content) == pyav_samples(direct.content) == expected
 
 
 def test_accept_audio_wav_returns_the_wav_directly(fake_server):

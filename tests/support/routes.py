@@ -26,7 +26,8 @@ class StreamingRoute:
 
     def body(self, text: str, request_id: str) -> dict:
         if self.endpoint == "openai":
-            return {"model": "tts-1", "input": text, "voice": "alloy", "response_format": "pcm"}
+            # "stream" chooses a stream or a whole file (a client that says nothing gets the file).
+            return {"model": "tts-1", "input": text, "voice": "alloy", "response_format": "pcm", "stream": self.streams}
         return {"text": text, "request_id": request_id}
 
     def open(self, port: int, text: str, request_id: str, rcvbuf: int = 4096) -> socket.socket:
@@ -75,6 +76,7 @@ STREAMING_ROUTES = (
     StreamingRoute("websocket", "/ws/generate", "ws"),
     StreamingRoute("rest", "/generate", "rest", streams=False),
     StreamingRoute("openai", "/v1/audio/speech", "openai"),
+    StreamingRoute("openai-file", "/v1/audio/speech", "openai", streams=False),
 )
 
 

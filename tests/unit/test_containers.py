@@ -1,4 +1,5 @@
-"""Speech-endpoint containers: 2 s of 440 Hz streamed in 80 ms frames decodes back to 2 s of 440 Hz."""
+"""Speech-endpoint containers: 2 s of 440 Hz streamed in 80 ms frames decodes back to 2 s of 440 Hz;
+whole files carry the headers that need the length, and two independent readers agree on it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from csmserve.audio.containers import (
     streaming_wav_header,
 )
 from csmserve.audio.pcm import float_to_pcm16
+from support.audio_files import adts_samples, flac_streaminfo, pyav_samples, soundfile_samples, wav_sizes
 
 FRAME = 1920  # one 80 ms model frame at 24 kHz
 SECONDS = 2.0
@@ -71,7 +73,8 @@ def test_flac_decodes_losslessly():
     """flac gives back exactly the int16 samples it was given."""
     signal = _tone()
     data = b"".join(_encode_in_frames(make_container_encoder("flac"), signal))
-    # PyAV, not soundfile: libsndfile takes STREAMINFO's "unknown" sample count (0) at face value.
+    # PyAV, not soundfile: a streamed flac's STREAMINFO says "unknown" (0 samples), which libsndfile
+    # takes at face value; the whole-file form below is for readers like it.
     decoded, rate = _decode(data)
     assert rate == 24_000
     np.testing.assert_array_equal(decoded, float_to_pcm16(signal))
@@ -143,3 +146,78 @@ def test_unknown_response_format_is_refused():
 def test_bundled_ffmpeg_has_the_encoders():
     """The installed PyAV wheel carries every encoder the table names."""
     assert {spec.codec for spec in CODEC_FORMATS.values()} <= av.codecs_available
+
+
+# An odd length (not a whole number of frames or codec blocks), as a real utterance has.
+ODD_LENGTH = 24_000 * 2 + 13
+# Samples a whole file may decode to beyond the input: mp3 can keep part of a 576-sample granule; ADTS
+# cannot state aac's 1024-sample priming or its last frame's padding (up to 1023).
+EXTRA_SAMPLES = {"wav": 0, "flac": 0, "opus": 0, "mp3": 576, "aac": 2047}
+
+
+def _noise(n: int = ODD_LENGTH) -> np.ndarray:
+    return (0.3 * np.random.default_rng(7).standard_normal(n)).clip(-1, 1).astype(np.float32)
+
+
+def _whole(fmt: str, signal: np.ndarray) -> bytes:
+    pieces = _encode_in_frames(make_container_encoder(fmt, whole_file=True), signal)
+    assert not any(pieces[:-1]), "a whole file leaves in one piece, when it is complete"
+    return pieces[-1]
+
+
+@pytest.mark.parametrize("fmt", sorted(EXTRA_SAMPLES))
+def test_whole_file_decodes_to_the_input_length_in_two_readers(fmt):
+    """soundfile (or, for aac, the ADTS headers) and PyAV both read the input's sample count at 24 kHz."""
+    signal = _noise()
+    data = _whole(fmt, signal)
+    first = adts_samples(data) if fmt == "aac" else soundfile_samples(data)
+    second = pyav_samples(data)
+    for samples, rate in (first, second):
+        at_24k = samples * 24_000 // rate  # Ogg Opus decodes at 48 kHz in FFmpeg
+        assert signal.size <= at_24k <= signal.size + EXTRA_SAMPLES[fmt], (fmt, samples, rate)
+
+
+def test_whole_file_flac_streaminfo_has_total_samples_and_md5():
+    """The complete flac states its sample count and its samples' MD5; libsndfile reads it losslessly."""
+    import hashlib
+
+    signal = _noise()
+    data = _whole("flac", signal)
+    expected = float_to_pcm16(signal)
+    rate, total, md5 = flac_streaminfo(data)
+    assert (rate, total) == (24_000, signal.size)
+    assert md5 == hashlib.md5(expected.astype("<i2").tobytes()).digest()
+    decoded, _ = sf.read(io.BytesIO(data), dtype="int16")
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_streamed_flac_says_its_length_is_unknown():
+    """A streamed flac never goes back to its header: STREAMINFO says 0 samples, no MD5; FFmpeg reads it."""
+    signal = _noise()
+    data = b"".join(_encode_in_frames(make_container_encoder("flac"), signal))
+    assert flac_streaminfo(data)[1:] == (0, bytes(16))
+    assert pyav_samples(data) == (signal.size, 24_000)
+
+
+def test_whole_file_wav_states_its_sizes():
+    """The complete wav's RIFF and data sizes are the file's; the samples follow the header unchanged."""
+    signal = _noise()
+    data = _whole("wav", signal)
+    assert wav_sizes(data) == (len(data) - 8, 2 * signal.size)
+    assert data.endswith(float_to_pcm16(signal).tobytes())
+
+
+def test_whole_file_mp3_has_a_xing_header_and_streamed_mp3_has_none():
+    """The complete mp3 starts with a Xing/Info frame (frame count, delay and padding); the stream cannot."""
+    signal = _noise()
+    whole = _whole("mp3", signal)
+    streamed = b"".join(_encode_in_frames(make_container_encoder("mp3"), signal))
+    assert b"Info" in whole[:200] or b"Xing" in whole[:200]
+    assert b"Info" not in streamed[:200] and b"Xing" not in streamed[:200]
+
+
+def test_pcm_is_the_same_whole_or_streamed():
+    """pcm has no header: the whole-file form is the streamed bytes."""
+    signal = _noise(5000)
+    whole = b"".join(_encode_in_frames(make_container_encoder("pcm", whole_file=True), signal))
+    assert whole == b"".join(_encode_in_frames(make_container_encoder("pcm"), signal))

@@ -97,7 +97,9 @@ def test_generation_stops_at_the_context_window(tiny):
     """A request never runs past the model's 2048-position window."""
     processor, model = tiny
     generator = FrameGenerator(model)
-    embeds = generator.embed_text(processor("[0]" + "a" * 2030, add_special_tokens=True)["input_ids"])
+    # " a" is one Llama 3 token each ("a" * 2030 would be ~260): a prompt of 2035 positions.
+    embeds = generator.embed_text(processor("[0]" + " a" * 2030, add_special_tokens=True)["input_ids"])
+    assert embeds.shape[1] > 2000
     codes = list(generator.frames(embeds, 500, greedy=True))
     assert embeds.shape[1] + len(codes) <= 2048 + 1
     assert len(codes) <= 2048 - embeds.shape[1] + 1

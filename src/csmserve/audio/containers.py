@@ -9,10 +9,21 @@ model is still speaking, and ``flush`` drains the codec and writes the trailer.
 First bytes, for 80 ms input frames: mp3, opus, wav and pcm with the first frame; aac (1024-sample
 frames plus look-ahead) and flac (2304-sample blocks) with the second. Everything is encoded at
 24 kHz; Ogg Opus decoders play at 48 kHz, and the Opus header records 24 kHz as the input rate.
+
+Each format comes in two forms (``make_container_encoder(fmt, whole_file=...)``):
+
+- a **stream** (``whole_file=False``): bytes as they are encoded, never revised, so headers that need the
+  length say "unknown": flac's STREAMINFO has 0 samples and no MD5, wav's sizes are 0xFFFFFFFF, mp3 has
+  no Xing/LAME header. Streaming readers (FFmpeg, browsers, players) accept all of them.
+- a **whole file** (``whole_file=True``): ``encode`` returns nothing and ``flush`` the complete file, its
+  headers written once the length is known: flac's STREAMINFO with total samples and MD5, wav's RIFF and
+  data sizes, mp3's Xing/LAME header (frame count, encoder delay and padding, so decoders trim to the
+  exact length). Any reader, libsndfile's included, reads it. pcm has no header: both forms are equal.
 """
 
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +35,7 @@ import numpy as np
 from csmserve.audio.formats import SOURCE_RATE, AudioEncoder, Pcm16Encoder
 from csmserve.audio.pcm import float_to_pcm16
 from csmserve.audio.resample import StreamingResampler
+from csmserve.audio.wav import pcm16_to_wav
 
 
 @dataclass(frozen=True)
@@ -74,18 +86,33 @@ class _WriteOnlySink:
         return data
 
 
+class _FileSink(io.BytesIO):
+    """A seekable in-memory file: FFmpeg's muxers go back and complete their headers in it."""
+
+    def take(self) -> bytes:
+        return b""  # nothing leaves before the file is complete
+
+    def whole(self) -> bytes:
+        return self.getvalue()
+
+
 class CodecStreamEncoder:
     """One compressed stream of ``spec``'s format, mono, muxed as it is encoded.
+
+    ``whole_file``: mux into a seekable buffer and return the complete file from ``flush`` (headers
+    with the length), instead of returning bytes as they are muxed.
 
     Input is float32 at 24 kHz; ``sample_rate`` (default 24 kHz) is the encoded rate, resampled as
     it streams, and ``bit_rate`` overrides the format's default bit rate.
     """
 
-    def __init__(self, spec: CodecFormat, sample_rate: int = SOURCE_RATE, bit_rate: int | None = None):
+    def __init__(
+        self, spec: CodecFormat, sample_rate: int = SOURCE_RATE, bit_rate: int | None = None, *, whole_file: bool = False
+    ):
         self.media_type = spec.media_type
         self.sample_rate = sample_rate
         self._resampler = StreamingResampler(SOURCE_RATE, sample_rate)
-        self._sink = _WriteOnlySink()
+        self._sink = _FileSink() if whole_file else _WriteOnlySink()
         # flush_packets: hand every muxed packet to the sink now, not when an I/O buffer fills.
         options = {**spec.muxer_options, "flush_packets": "1"}
         self._container = av.open(self._sink, mode="w", format=spec.container, container_options=options)
@@ -118,7 +145,7 @@ class CodecStreamEncoder:
         self._encode(self._resampler.flush())
         self._container.mux(self._stream.encode(None))
         self._container.close()
-        return self._sink.take()
+        return self._sink.whole() if isinstance(self._sink, _FileSink) else self._sink.take()
 
 
 WAV_HEADER_BYTES = 44
@@ -168,12 +195,32 @@ class WavStreamEncoder:
         return self._with_header(self._pcm.flush())
 
 
-def make_container_encoder(response_format: str) -> AudioEncoder:
-    """The streaming encoder for an OpenAI ``response_format``; ValueError names the valid ones."""
+class WavFileEncoder:
+    """A complete 16-bit PCM WAV at 24 kHz, with its RIFF and data sizes: everything comes from ``flush``."""
+
+    media_type = "audio/wav"
+    sample_rate = SOURCE_RATE
+
+    def __init__(self):
+        self._pcm = Pcm16Encoder(SOURCE_RATE)
+        self._samples = bytearray()
+
+    def encode(self, pcm: np.ndarray) -> bytes:
+        self._samples += self._pcm.encode(pcm)
+        return b""
+
+    def flush(self) -> bytes:
+        self._samples += self._pcm.flush()
+        return pcm16_to_wav(bytes(self._samples), SOURCE_RATE)
+
+
+def make_container_encoder(response_format: str, *, whole_file: bool = False) -> AudioEncoder:
+    """The encoder for an OpenAI ``response_format``: a stream, or with ``whole_file`` a complete file
+    (see the module docstring). ValueError names the valid formats."""
     if response_format in CODEC_FORMATS:
-        return CodecStreamEncoder(CODEC_FORMATS[response_format])
+        return CodecStreamEncoder(CODEC_FORMATS[response_format], whole_file=whole_file)
     if response_format == "wav":
-        return WavStreamEncoder()
+        return WavFileEncoder() if whole_file else WavStreamEncoder()
     if response_format == "pcm":
         return Pcm16Encoder(SOURCE_RATE)  # raw s16le at 24 kHz, media type audio/pcm
     raise ValueError(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {response_format!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,29 +99,116 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
+#: CPU features that make bfloat16 matrix products native (AVX-512 BF16 dot products, AMX tiles).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """A resolved dtype and the reason for it, in words for the start-up log."""
+
+    dtype: str
+    reason: str
+
+
+def cpu_bf16_native(capability: str, flags: Iterable[str]) -> bool:
+    """Whether a CPU runs bfloat16 natively: ATen's vector level is AVX-512 and the CPU has AVX-512 BF16
+    or AMX.
+
+    ``capability`` is :func:`torch.backends.cpu.get_cpu_capability` ("AVX512", "AVX2", "DEFAULT", ...),
+    ``flags`` the CPU's feature names (``avx512_bf16``, ``amx_bf16``, ...). Anything less emulates
+    bfloat16 by converting to float32 and back, which is slower than float32 itself
+    (ATEN_CPU_CAPABILITY=avx2 forces that path on any CPU).
+    """
+    present = set(flags)
+    return _avx512(capability) and any(flag in present for flag in NATIVE_BF16_FLAGS)
+
+
+def _avx512(capability: str) -> bool:
+    return capability.strip().upper().startswith("AVX512")
+
+
+def choose_cpu_dtype(capability: str, flags: Iterable[str]) -> DtypeChoice:
+    """``--dtype auto`` on a CPU: bfloat16 where it is native (2.6x float32's matmul throughput
+    measured on AVX-512 BF16), float32 where it would be emulated."""
+    flags = set(flags)
+    if cpu_bf16_native(capability, flags):
+        found = ", ".join(f for f in NATIVE_BF16_FLAGS if f in flags)
+        return DtypeChoice("bfloat16", f"the CPU runs bfloat16 natively ({capability} with {found})")
+    if _avx512(capability):
+        why = f"{capability} without AVX512_BF16 or AMX: bfloat16 would be emulated, slower than float32"
+    else:
+        why = f"{capability} kernels have no native bfloat16: it would be emulated, slower than float32"
+    return DtypeChoice("float32", why)
+
+
+def cpu_features() -> tuple[str, frozenset[str]]:
+    """This machine's ATen capability string and CPU feature flags (torch's cpuinfo, else /proc/cpuinfo)."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        found = torch._C._cpu._get_cpu_capability()  # {"avx512_bf16": True, ...}; private, hence the fallback
+        flags = frozenset(name for name, present in found.items() if present is True)
+    except (AttributeError, RuntimeError, TypeError):
+        flags = frozenset()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("flags"):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
+        except OSError:
+            pass
+    return capability, flags
+
+
+def this_cpu_bf16_native() -> bool:
+    """:func:`cpu_bf16_native` for the machine this runs on."""
+    return cpu_bf16_native(*cpu_features())
+
+
+def resolve_dtype(dtype: str, device: str) -> DtypeChoice:
+    """The dtype to load in, and why: an explicit one as asked; ``auto`` by what the device does natively."""
     import torch
 
     if dtype != "auto":
-        return dtype
+        return DtypeChoice(dtype, "as configured (--dtype / CSM_DTYPE)")
     if device == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+        if torch.cuda.is_bf16_supported():
+            return DtypeChoice("bfloat16", "auto: the GPU supports bfloat16")
+        return DtypeChoice("float16", "auto: the GPU has no bfloat16")
+    choice = choose_cpu_dtype(*cpu_features())
+    return DtypeChoice(choice.dtype, "auto: " + choice.reason)
 
 
-def codec_to_float32_on_cpu(model, device: str) -> bool:
-    """On a CPU, move the codec of a half-precision model back to float32; True when it did.
+def keep_codec_float32(device: str, dtype: str, bf16_native: bool) -> bool:
+    """Whether the codec runs in float32 while the transformers run in ``dtype``.
 
-    Without AVX-512 BF16/AMX a CPU runs Mimi's convolutions in half precision on slow reference kernels
-    (2-3x float32's time per frame); the codec is small, so it stays float32 while the transformers
-    keep the requested dtype. Codes are integers, so the two never mix.
+    On a CPU without native bfloat16, Mimi's convolutions in half precision run on slow reference
+    kernels (2-3x float32's time per frame); the codec is small, so it stays float32. Where bfloat16
+    is native (the same test as ``--dtype auto``) a bfloat16 codec runs on native kernels and stays so.
+    A float16 codec goes to float32 on every CPU: float16 kernels (AVX512_FP16, AMX-FP16) are rare and
+    not detected here. Codes are integers, so the two dtypes never mix.
+    """
+    if device != "cpu" or dtype == "float32":
+        return False
+    return not (dtype == "bfloat16" and bf16_native)
+
+
+def codec_to_float32_on_cpu(model, device: str, bf16_native: bool | None = None) -> bool:
+    """Apply :func:`keep_codec_float32` to ``model``'s codec; True when it moved it to float32.
+
+    ``bf16_native``: whether this CPU runs bfloat16 natively (default: detected).
     """
     import torch
 
     codec = model.codec_model
-    if device != "cpu" or next(codec.parameters()).dtype == torch.float32:
+    dtype = str(next(codec.parameters()).dtype).removeprefix("torch.")
+    if bf16_native is None:
+        bf16_native = device == "cpu" and this_cpu_bf16_native()
+    if not keep_codec_float32(device, dtype, bf16_native):
         return False
-    codec.float()
+    codec.to(torch.float32)
     forget_cached_codebooks(codec)
     return True
 
@@ -236,8 +323,9 @@ def load_csm(
         path = download(model, token if token is not None else hub_token())
     check_checkpoint(path)
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
-    log.info("loading %s on %s in %s", path, device, dtype)
+    choice = resolve_dtype(dtype, device)
+    dtype = choice.dtype
+    log.info("loading %s on %s in %s (%s)", path, device, dtype, choice.reason)
     try:
         processor = AutoProcessor.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - any failure here means a broken checkpoint
@@ -259,5 +347,6 @@ def load_csm(
         raise NotACsmCheckpoint(f"{path}: the weights cannot be loaded as CSM: {type(exc).__name__}: {exc}") from None
     loaded.eval()
     if codec_to_float32_on_cpu(loaded, device):
-        log.info("the codec (Mimi) runs in float32 on CPU; the transformers in %s", dtype)
+        log.info("the codec (Mimi) runs in float32: %s is not native on this CPU; the transformers run in %s",
+                 dtype, dtype)
     return LoadedModel(model=loaded, processor=processor, path=path, device=device, dtype=dtype)

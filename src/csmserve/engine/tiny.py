@@ -4,8 +4,9 @@ It is written with ``transformers``/``tokenizers`` classes only and loads throug
 ``from_pretrained`` path as the real model, so tests and demos exercise the real loading,
 prompting, generation and decoding code without the 6 GB of gated weights. Its audio is noise.
 
-The architecture keeps everything the server depends on (32 codebooks of 2051 ids, a Mimi codec
-at 24 kHz with 1920-sample frames, 2048 codec codes, the special token names) and shrinks the widths.
+The architecture keeps everything the server depends on (Llama 3's tokenizer and 128,256-token text
+vocabulary, so prompts have the real model's token ids and lengths; 32 codebooks of 2051 ids; a Mimi codec
+at 24 kHz with 1920-sample frames, 2048 codec codes; the special token names) and shrinks the widths.
 """
 
 from __future__ import annotations
@@ -17,10 +18,30 @@ from pathlib import Path
 OFFLINE_MARKER = "csmserve_offline_model"
 SEED = 1234
 
-# Byte-level vocabulary: 256 byte tokens, then the special tokens CSM's processor looks up by name.
+# The text side is Llama 3's: Meta's BPE ranks (``tokenizer.model`` from the ``llama-models`` package),
+# 128,000 ranked tokens, then 256 special tokens. csm-1b names two of them for audio.
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 AUDIO, AUDIO_EOS = "<|AUDIO|>", "<|audio_eos|>"
-SPECIAL_TOKENS = [BOS, EOS, AUDIO, AUDIO_EOS]
+LLAMA3_SPECIAL_TOKENS = [
+    BOS,
+    EOS,
+    AUDIO,  # <|reserved_special_token_0|> in Llama 3
+    AUDIO_EOS,  # <|reserved_special_token_1|>
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(2, 246)]
+TEXT_VOCAB_SIZE = 128_256  # 128,000 ranked tokens + 256 special ones, as in csm-1b's config
+# Llama 3's pre-tokenizer split (llama_models/llama3/tokenizer.py ``pat_str``).
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # CSM's chat template (conversation of {"role": speaker id, "content": [text, audio]} turns).
 CHAT_TEMPLATE = (
@@ -101,18 +122,26 @@ def _quieten(codec, target_rms: float = 0.1) -> None:
             last.bias.mul_(target_rms / rms)
 
 
+BACKBONE_WIDTH = 32
+SPECIAL_IDS = (BOS, EOS, AUDIO, AUDIO_EOS)
+
+
 def tiny_config():
-    """The tiny CSM config: 32 codebooks of 2051 ids, a 2048-token window, small widths."""
+    """The tiny CSM config: Llama 3's text vocabulary, 32 codebooks of 2051 ids, a 2048-token window,
+    small widths."""
     from transformers import CsmConfig
 
-    text_vocab = 256 + len(SPECIAL_TOKENS)
-    bos_id, eos_id, audio_id, audio_eos_id = range(256, 256 + len(SPECIAL_TOKENS))
+    first_special = TEXT_VOCAB_SIZE - len(LLAMA3_SPECIAL_TOKENS)
+    bos_id, eos_id, audio_id, audio_eos_id = (
+        first_special + LLAMA3_SPECIAL_TOKENS.index(token) for token in SPECIAL_IDS
+    )
     rope = {"rope_type": "default", "rope_theta": 500000.0}
+    # The text embedding has Llama 3's 128,256 rows: a width of 32 keeps it at 16 MB in float32.
     return CsmConfig(
         num_codebooks=32,
         vocab_size=2051,
-        text_vocab_size=text_vocab,
-        hidden_size=64,
+        text_vocab_size=TEXT_VOCAB_SIZE,
+        hidden_size=BACKBONE_WIDTH,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -128,7 +157,7 @@ def tiny_config():
         rope_parameters=rope,
         depth_decoder_config={
             "num_codebooks": 32,
-            "backbone_hidden_size": 64,
+            "backbone_hidden_size": BACKBONE_WIDTH,
             "vocab_size": 2051,
             "hidden_size": 32,
             "intermediate_size": 64,
@@ -142,16 +171,96 @@ def tiny_config():
     )
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+def llama3_ranks_path() -> Path:
+    """Meta's Llama 3 ``tokenizer.model`` (tiktoken BPE ranks: base64 token, rank per line), as shipped in
+    the ``llama-models`` package; found through the package's file list, without importing it."""
+    from importlib.metadata import PackageNotFoundError, files
+
+    try:
+        listed = files("llama-models") or []
+    except PackageNotFoundError:
+        listed = []
+    for entry in listed:
+        if str(entry).replace("\\", "/").endswith(("llama_models/llama3/tokenizer.model",
+                                                      "llama_models/llama3/api/tokenizer.model")):
+            return Path(entry.locate())
+    raise FileNotFoundError(
+        "Llama 3's tokenizer.model was not found: pip install llama-models (a csmserve dependency)"
+    )
+
+
+def read_ranks(path: Path) -> dict[bytes, int]:
+    """A tiktoken ranks file as {token bytes: rank}."""
+    import base64
+
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def bpe_from_ranks(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """tiktoken ranks as a byte-level BPE vocabulary and merge list for ``tokenizers``.
+
+    A token is the merge of the two ranked pieces it splits into; merges are ordered by the rank of
+    the token they make, so that BPE applies them in tiktoken's order (transformers' TikTokenConverter
+    does the same).
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    # ByteLevel's printable alphabet, in the order GPT-2's bytes_to_unicode assigns it.
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # "!".."~", "¡".."¬", "®".."ÿ"
+    unicode_of = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in unicode_of:
+            unicode_of[b] = chr(256 + extra)
+            extra += 1
+    assert set(unicode_of.values()) == set(ByteLevel.alphabet())
+
+    def text(token: bytes) -> str:
+        return "".join(unicode_of[b] for b in token)
+
+    vocab, merges = {}, []
+    for token, rank in ranks.items():
+        vocab[text(token)] = rank
+        if len(token) == 1:
+            continue
+        local = [
+            (token[:i], token[i:], rank)
+            for i in range(1, len(token))
+            if token[:i] in ranks and token[i:] in ranks
+        ]
+        local.sort(key=lambda m: (ranks[m[0]], ranks[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: m[2])
+    return vocab, [(text(left), text(right)) for left, right, _ in merges]
+
+
+def llama3_tokenizer():
+    """Llama 3's tokenizer as csm-1b carries it: a ``tokenizers`` BPE over Meta's ranks with Llama 3's
+    pre-tokenizer and 256 special tokens (128000-128255), BOS and EOS around every text segment.
+
+    Token ids equal tiktoken's over the same ranks file (``<|begin_of_text|>`` = 128000,
+    ``<|end_of_text|>`` = 128001, ``<|AUDIO|>`` = 128002, ``<|audio_eos|>`` = 128003).
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab, merges = bpe_from_ranks(read_ranks(llama3_ranks_path()))
+    # ignore_merges: a whole pre-token that is itself a ranked token is taken as is, as tiktoken does.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
     core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(SPECIAL_TOKENS)
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL_TOKENS])
+    assert core.get_vocab_size() == TEXT_VOCAB_SIZE
     bos_id, eos_id = core.token_to_id(BOS), core.token_to_id(EOS)
     # As the real CSM tokenizer does: BOS and EOS around every text segment.
     core.post_processor = processors.TemplateProcessing(
@@ -166,6 +275,19 @@ def _tokenizer():
         pad_token=AUDIO,
         model_max_length=2048,
     )
+
+
+def compact_tokenizer_json(path: Path) -> None:
+    """Rewrite a saved tokenizer.json without indentation and with merges as "left right" strings.
+
+    The same tokenizer (``tokenizers`` reads both merge forms; byte-level tokens hold no spaces) in a
+    third of the bytes: 6 MB instead of 17, and 0.4 s to load instead of 1.5, for a model the test
+    suite loads many times.
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    merges = data["model"]["merges"]
+    data["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
 
 
 def make_tiny_model(directory: str | Path) -> Path:
@@ -202,10 +324,11 @@ def make_tiny_model(directory: str | Path) -> Path:
 
     processor = CsmProcessor(
         feature_extractor=EncodecFeatureExtractor(feature_size=1, sampling_rate=24_000, padding_value=0.0),
-        tokenizer=_tokenizer(),
+        tokenizer=llama3_tokenizer(),
         chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
+    compact_tokenizer_json(out / "tokenizer.json")
 
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())

@@ -1,28 +1,30 @@
 """OpenAI-compatible speech API: ``POST /v1/audio/speech`` and ``GET /v1/models``.
 
-Tools built for OpenAI's TTS (the ``openai`` package, agent frameworks) work unchanged: audio
-streams as it is generated, in mp3, opus, aac, flac, wav or pcm (24 kHz s16le), as raw bytes or as
-server-sent events. ``voice`` takes a speaker id ("0".."9"), a registered voice (id or name), or
-one of OpenAI's voice names, mapped to speaker ids (:data:`OPENAI_VOICES`). ``speed`` other than
+Tools built for OpenAI's TTS (the ``openai`` package, agent frameworks) work unchanged: audio in mp3,
+opus, aac, flac, wav or pcm (24 kHz s16le), as one complete file (headers with the length: any reader,
+libsndfile's included, reads it), or streamed as it is generated when the client reads a stream (the SDK's
+``with_streaming_response``, ``"stream": true``, or server-sent events). ``voice`` takes a speaker id
+("0".."9"), a registered voice (id or name), or one of OpenAI's voice names, mapped to speaker ids (:data:`OPENAI_VOICES`). ``speed`` other than
 1.0 is refused with a 400: CSM speaks at its own pace, and time-stretching would change the voice.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from csmserve.audio.containers import RESPONSE_FORMATS, make_container_encoder
 from csmserve.errors import CsmServeError, InvalidRequest, Overloaded
 from csmserve.logs import request_id
 from csmserve.pipeline import StreamStats, synthesis_request
 from csmserve.protocol import parse_json_object, parse_options
-from csmserve.server.streaming import guarded_stream
+from csmserve.server.streaming import ClientGone, Slot, guarded_stream, outcome_of, until_disconnect
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
@@ -60,6 +62,24 @@ def _voice_fields(voice, state) -> dict:
     )
 
 
+#: The ``openai`` SDK marks a response it reads as a stream (``with_streaming_response``) with this header.
+SDK_STREAM_HEADER = "x-stainless-raw-response"
+
+
+def _wants_stream(request: Request, stream) -> bool | InvalidRequest:
+    """Whether the client reads the audio as it is generated, rather than as one file.
+
+    ``"stream": true|false`` in the body decides (a csmserve extension); without it, the ``openai`` SDK's
+    ``with_streaming_response`` streams and everything else (``speech.create``, curl, a browser) gets a
+    complete file.
+    """
+    if stream is not None:
+        if not isinstance(stream, bool):
+            return InvalidRequest("stream must be true or false")
+        return stream
+    return request.headers.get(SDK_STREAM_HEADER) == "stream"
+
+
 @router.get("/models")
 async def models() -> dict:
     created = int(time.time())
@@ -95,6 +115,10 @@ async def speech(request: Request):
     stream_format = body.get("stream_format", "audio")
     if stream_format not in ("audio", "sse"):
         return openai_error(400, "stream_format must be audio or sse", "stream_format")
+    streamed = _wants_stream(request, body.get("stream"))
+    if isinstance(streamed, InvalidRequest):
+        return openai_error(400, streamed.message, "stream")
+    streamed = streamed or stream_format == "sse"
     try:
         fields = _voice_fields(body.get("voice"), state)
         options = parse_options({**fields, "seed": body.get("seed"), "request_id": request_id.get()}, state.limits, text)
@@ -104,10 +128,11 @@ async def speech(request: Request):
     engine = state.engine
     if not engine.info.ready:
         return openai_error(503, "the model is still loading; retry when /health says healthy")
-    encoder = make_container_encoder(response_format)
+    encoder = make_container_encoder(response_format, whole_file=not streamed)
     stats = StreamStats(engine.sample_rate)
 
     async def audio_bytes():
+        """The encoder's bytes as the audio arrives (a whole file's come at the end); raises CsmServeError."""
         stream = engine.synthesize(synth)
         try:
             async for piece in stream:
@@ -117,9 +142,16 @@ async def speech(request: Request):
                     if stats.first_audio is None:
                         stats.first_audio = time.monotonic()
                     yield data
-            yield encoder.flush()
+            tail = encoder.flush()
+            if tail:
+                if stats.first_audio is None:
+                    stats.first_audio = time.monotonic()
+                yield tail
         finally:
             await stream.aclose()
+
+    if not streamed:  # a whole file: collected under the same rule, sent with its complete headers
+        return await _whole_file(request, state, audio_bytes, encoder.media_type, stats)
 
     async def events():
         total = 0
@@ -138,9 +170,40 @@ async def speech(request: Request):
     try:
         return await guarded_stream(state, "openai", body, media_type, stats)
     except CsmServeError as exc:
-        kind = "server_error" if exc.http_status >= 500 or isinstance(exc, Overloaded) else "invalid_request_error"
-        headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else None
-        return JSONResponse(
-            {"error": {**exc.to_dict(), "type": kind, "param": None}},
-            status_code=exc.http_status, headers=headers,
-        )
+        return _error(exc)
+
+
+def _error(exc: CsmServeError) -> JSONResponse:
+    """An engine or admission error in OpenAI's shape, so its SDK raises its usual exception."""
+    kind = "server_error" if exc.http_status >= 500 or isinstance(exc, Overloaded) else "invalid_request_error"
+    headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else None
+    return JSONResponse({"error": {**exc.to_dict(), "type": kind, "param": None}}, status_code=exc.http_status, headers=headers)
+
+
+async def _whole_file(request: Request, state, audio_bytes, media_type: str, stats: StreamStats) -> Response:
+    """The whole encoded file as one response (complete headers: FLAC STREAMINFO, WAV sizes, MP3's
+    Xing frame), generated under the shared rule: admission (429), deadline, cancelled on disconnect."""
+    try:
+        slot = Slot(state, "openai")
+    except Overloaded as exc:
+        return _error(exc)
+    parts: list[bytes] = []
+
+    async def collect() -> None:
+        async with contextlib.aclosing(audio_bytes()) as chunks:
+            async for data in chunks:
+                parts.append(data)
+
+    try:
+        await until_disconnect(request, slot, collect)
+    except ClientGone:
+        slot.leave("disconnected", stats)
+        return Response(status_code=499)  # nobody reads it; the generation was cancelled
+    except CsmServeError as exc:
+        slot.leave(outcome_of(exc), stats)
+        return _error(exc)
+    except BaseException:
+        slot.leave("error", stats)
+        raise
+    slot.leave("ok", stats)
+    return Response(b"".join(parts), media_type=media_type)
