@@ -1,0 +1,91 @@
+"""One local Ray cluster with csmserve deployed from deploy/ray/local.yaml, on loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from support.processes import free_port
+from support.servers import LoopbackUrls
+
+CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "ray" / "local.yaml"
+APP = "csmserve"
+
+
+@dataclass
+class RayServe(LoopbackUrls):
+    """Ray's proxy on ``127.0.0.1:port`` in front of the ``csmserve`` application."""
+
+    port: int
+    args: dict
+    metrics_ports: range = field(default_factory=lambda: range(0))
+
+    def deploy(self) -> None:
+        from ray import serve
+
+        from csmserve.ray_app import build
+
+        serve.run(build(self.args), name=APP, route_prefix="/")
+
+    def deployed(self) -> bool:
+        from ray import serve
+
+        return APP in serve.status().applications
+
+    def replica_states(self) -> dict[str, int]:
+        from ray import serve
+
+        from csmserve.ray_app import DEPLOYMENT
+
+        return dict(serve.status().applications[APP].deployments[DEPLOYMENT].replica_states)
+
+    def kill(self, replica: str) -> None:
+        """Kill one replica's process at once (no graceful shutdown), as a crash would."""
+        import ray
+
+        from csmserve.ray_app import DEPLOYMENT
+
+        actor = ray.get_actor(f"SERVE_REPLICA::{APP}#{DEPLOYMENT}#{replica}", namespace="serve")
+        ray.kill(actor, no_restart=True)
+
+
+@contextlib.contextmanager
+def ray_serve(settings: dict, replica_args: dict | None = None):
+    """Start a local Ray cluster (loopback, no dashboard, no usage stats), deploy the application
+    of deploy/ray/local.yaml with ``settings`` and ``replica_args`` merged in, and stop it all after."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+    from ray import serve
+
+    config = yaml.safe_load(CONFIG.read_text())
+    (application,) = config["applications"]
+    metrics_port = free_port()
+    args = {**application["args"], "metrics_host": "127.0.0.1", "metrics_port": metrics_port, **(replica_args or {})}
+    args["settings"] = {**args.get("settings", {}), **settings}
+    http_options = {**config["http_options"], "host": "127.0.0.1", "port": free_port()}
+    # A short folder of our own: Ray's default /tmp/ray is shared with any other cluster on the machine.
+    temp_dir = tempfile.mkdtemp(prefix="csmray")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        object_store_memory=96 * 1024 * 1024,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+    )
+    try:
+        serve.start(http_options=http_options)
+        cluster = RayServe(http_options["port"], args, range(metrics_port, metrics_port + 8))
+        cluster.deploy()
+        yield cluster
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
