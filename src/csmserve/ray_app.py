@@ -35,6 +35,7 @@ from csmserve.scaleout.replica import (
     ReplicaLogFilter,
     ReplicaStamp,
     TrackSockets,
+    health_problem,
     labelled_registry,
     replica_lifespan,
     serve_metrics,
@@ -107,10 +108,9 @@ class CsmReplica:
 
     async def check_health(self) -> None:
         """Ray's health check: healthy while the server is ready (never once its engine failed)."""
-        if not self.state.ready:
-            failure = self.state.engine.info.failed or (self.state.load_error and self.state.load_error.message)
-            reason = failure or ("draining" if self.state.draining else "not ready")
-            raise RuntimeError(f"replica {self.name} is not healthy: {reason}")
+        problem = health_problem(self.state)
+        if problem is not None:
+            raise RuntimeError(f"replica {self.name} is not healthy: {problem}")
 
 
 def build(args: dict[str, Any] | None = None) -> serve.Application:

@@ -109,6 +109,24 @@ async def test_the_seed_clients_protocol_works_unchanged_through_the_proxy(proxy
     assert frames == done["chunks"] and pcm == 2 * done["samples"] > 0
 
 
+def test_every_http_route_answers_through_the_proxy_and_downloads_work_from_any_replica(proxy):
+    """Demo, health, voices, metrics, REST, OpenAI and ElevenLabs answer through Ray's proxy; a
+    /generate download URL works whichever replica the GET reaches (the audio folder is shared)."""
+    with httpx.Client(base_url=proxy.http, timeout=60) as http:
+        assert "text/html" in http.get("/").headers["content-type"]
+        assert http.get("/health").json()["status"] == "healthy"
+        assert http.get("/v1/voices").json()["object"] == "list"
+        assert "csm_requests_total" in http.get("/metrics").text
+        speech = http.post("/v1/audio/speech", json={"model": "tts-1", "input": TEXT, "voice": "0", "response_format": "pcm"})
+        assert speech.status_code == 200 and len(speech.content) > 0
+        eleven = http.post("/v1/text-to-speech/0?output_format=pcm_24000", json={"text": TEXT})
+        assert eleven.status_code == 200 and len(eleven.content) > 0
+        generated = http.post("/generate", json={"text": TEXT, "max_audio_ms": 400}).json()
+        downloads = [http.get(generated["url"]) for _ in range(6)]
+    assert all(d.status_code == 200 and d.content[:4] == b"RIFF" for d in downloads)
+    assert len({d.content for d in downloads}) == 1 and len(downloads[0].content) == generated["bytes"]
+
+
 async def test_a_voice_registered_through_one_replica_is_used_by_streams_on_the_other(proxy, csm_server):
     """A voice registered through the proxy serves streams on both replicas, with the single
     server's audio for the same clip, text and seed."""

@@ -157,6 +157,15 @@ def replica_lifespan(lifespan, state, stopping: Callable[[], bool], sockets: Ope
     return wrapped
 
 
+def health_problem(state) -> str | None:
+    """Why a replica must not serve (Ray's health check fails, Ray replaces it), or None if it may:
+    a failed model or engine (a GPU error, the watchdog), a load failure, a drain, not loaded yet."""
+    if state.ready:
+        return None
+    failure = state.engine.info.failed or (state.load_error.message if state.load_error is not None else None)
+    return failure or ("draining" if state.draining else "the model is not loaded")
+
+
 class ReplicaLogFilter(logging.Filter):
     """Names the replica at the start of every log message (text and JSON logs alike)."""
 
