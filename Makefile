@@ -44,5 +44,9 @@ bench: $(STAMP)
 load: $(STAMP)
 	$(BIN)/python bench/load.py
 
+# The single server vs two Ray Serve replicas, side by side (a local Ray cluster, stopped at the end).
+load-ray: $(STAMP)
+	$(BIN)/python bench/ray_load.py
+
 clean:
 	rm -rf $(VENV) var .pytest_cache
