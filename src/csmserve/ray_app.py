@@ -37,6 +37,7 @@ from csmserve.scaleout.replica import (
     TrackSockets,
     health_problem,
     labelled_registry,
+    prepare_offline_model,
     replica_lifespan,
     serve_metrics,
 )
@@ -77,6 +78,7 @@ class CsmReplica:
         setup_logging(self.settings.log_level, self.settings.log_format)
         for handler in logging.getLogger().handlers:
             handler.addFilter(ReplicaLogFilter(self.name))
+        prepare_offline_model(self.settings)
         self.server = create_app(self.settings)
         self.state = self.server.state.csm
         sockets = OpenSockets()

@@ -31,3 +31,17 @@ def test_a_loading_or_draining_replica_is_not_healthy(tmp_path):
     asyncio.run(state.engine.start())
     state.draining = True
     assert health_problem(state) == "draining"
+
+
+def test_replicas_without_a_model_find_the_offline_model_written_once(tmp_path, monkeypatch):
+    """No model and none available: the first replica writes the offline model; a second finds it."""
+    from csmserve.engine.tiny import OFFLINE_MARKER
+    from csmserve.scaleout.replica import prepare_offline_model
+
+    monkeypatch.setattr("csmserve.engine.loading.default_model_available", lambda: False)
+    settings = Settings(offline_model_dir=tmp_path / "offline")
+    prepare_offline_model(settings)
+    written = (tmp_path / "offline" / "config.json").stat().st_mtime_ns
+    prepare_offline_model(settings)
+    assert OFFLINE_MARKER in (tmp_path / "offline" / "config.json").read_text()
+    assert (tmp_path / "offline" / "config.json").stat().st_mtime_ns == written

@@ -166,6 +166,27 @@ def health_problem(state) -> str | None:
     return failure or ("draining" if state.draining else "the model is not loaded")
 
 
+def prepare_offline_model(settings) -> None:
+    """Write the offline model once when several replicas on one machine would each write it.
+
+    With no model configured and none available, every replica falls back to the offline model in
+    ``offline_model_dir``; two writing it at once could let one load the other's half-written files.
+    Under a file lock, the first writes it and the others find it there."""
+    if settings.engine != "csm" or settings.model:
+        return
+    import fcntl
+
+    from csmserve.engine.csm import ensure_offline_model
+    from csmserve.engine.loading import default_model_available
+
+    directory = settings.offline_model_dir
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not default_model_available():
+            ensure_offline_model(directory)
+
+
 class ReplicaLogFilter(logging.Filter):
     """Names the replica at the start of every log message (text and JSON logs alike)."""
 
