@@ -1,6 +1,7 @@
 """csmserve on Ray Serve: two CPU replicas of the offline model behind Ray's proxy, on loopback.
 
-One local Ray cluster serves the whole session (deploy/ray/local.yaml with the test's settings). The
+One local Ray cluster serves the whole session (deploy/ray/local.yaml with the test's settings): only
+this module uses it, so its fixture is module-scoped and the cluster stops as soon as these tests end. The
 single server (``csm_server``) runs the same checkpoint and settings, so audio can be compared byte
 for byte. The shutdown test deletes the application; a test that needs it deploys it again.
 """
@@ -23,7 +24,7 @@ TEXT = "Hello from a replica behind the proxy."
 LONG_TEXT = "This sentence is long enough to keep a replica busy for a while. " * 4
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(tiny_model_dir, tmp_path_factory):
     """Ray's proxy in front of two replicas that share one voices folder (as on a shared volume)."""
     shared = tmp_path_factory.mktemp("ray-shared")
@@ -56,9 +57,21 @@ async def connect(url: str):
 
 
 async def one_per_replica(url: str, count: int = 2):
-    """``count`` connections open at once: Ray's router sends each to the least busy replica."""
-    pairs = [await connect(url) for _ in range(count)]
-    return [ws for ws, _ in pairs], [name for _, name in pairs]
+    """One open connection on each of ``count`` replicas. Ray's router sends a new connection to the
+    less busy of two replicas; a connection that lands where one is already open is closed again."""
+    sockets, replicas, spare = [], [], []
+    for _ in range(4 * count):
+        ws, name = await connect(url)
+        if name in replicas:
+            spare.append(ws)
+        else:
+            sockets.append(ws)
+            replicas.append(name)
+        if len(replicas) == count:
+            break
+    for ws in spare:
+        await ws.close()
+    return sockets, replicas
 
 
 async def request(ws, **fields) -> tuple[bytes, dict]:
