@@ -21,6 +21,7 @@ from csmserve.client import CsmClient
 from support.ray_cluster import ray_serve
 
 TEXT = "Hello from a replica behind the proxy."
+NODE_MAX_TEXT_CHARS = 1000
 LONG_TEXT = "This sentence is long enough to keep a replica busy for a while. " * 4
 
 
@@ -38,7 +39,8 @@ def ray_cluster(tiny_model_dir, tmp_path_factory):
         "audio_dir": str(shared / "audio"),
         "drain_timeout_s": 60,
     }
-    with ray_serve(settings) as cluster:
+    # Set on the nodes, as an operator would, rather than in the Serve config.
+    with ray_serve(settings, node_env={"CSM_MAX_TEXT_CHARS": str(NODE_MAX_TEXT_CHARS)}) as cluster:
         yield cluster
 
 
@@ -120,6 +122,19 @@ async def test_the_seed_clients_protocol_works_unchanged_through_the_proxy(proxy
     done = json.loads(message)
     assert done["done"] is True and "error" not in done
     assert frames == done["chunks"] and pcm == 2 * done["samples"] > 0
+
+
+async def test_csm_variables_on_the_nodes_reach_every_replica(proxy):
+    """A CSM_* variable set on the Ray nodes is each replica's setting, as for the single server."""
+    sockets, replicas = await one_per_replica(proxy.ws)
+    try:
+        results = await asyncio.gather(*(request(ws, text="x" * (NODE_MAX_TEXT_CHARS + 1)) for ws in sockets))
+    finally:
+        for ws in sockets:
+            await ws.close()
+    for (pcm, done), replica in zip(results, replicas):
+        assert pcm == b"" and done["replica"] == replica
+        assert done["error"]["code"] == "invalid_request" and str(NODE_MAX_TEXT_CHARS) in done["error"]["message"]
 
 
 def test_every_http_route_answers_through_the_proxy_and_downloads_work_from_any_replica(proxy):

@@ -56,9 +56,26 @@ class RayServe(LoopbackUrls):
 
 
 @contextlib.contextmanager
-def ray_serve(settings: dict, replica_args: dict | None = None):
-    """Start a local Ray cluster (loopback, no dashboard, no usage stats), deploy the application
-    of deploy/ray/local.yaml with ``settings`` and ``replica_args`` merged in, and stop it all after."""
+def node_environment(variables: dict[str, str]):
+    """``variables`` in this process's environment while Ray's node processes start (they and the
+    replicas they spawn keep them), as on a node where an operator set them; restored after."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def ray_serve(settings: dict, replica_args: dict | None = None, node_env: dict[str, str] | None = None):
+    """Start a local Ray cluster (loopback, no dashboard, no usage stats) whose nodes have ``node_env``,
+    deploy the application of deploy/ray/local.yaml with ``settings`` and ``replica_args`` merged in,
+    and stop it all after."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     import ray
     from ray import serve
@@ -71,14 +88,15 @@ def ray_serve(settings: dict, replica_args: dict | None = None):
     http_options = {**config["http_options"], "host": "127.0.0.1", "port": free_port()}
     # A short folder of our own: Ray's default /tmp/ray is shared with any other cluster on the machine.
     temp_dir = tempfile.mkdtemp(prefix="csmray")
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        object_store_memory=96 * 1024 * 1024,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=temp_dir,
-        log_to_driver=False,
-    )
+    with node_environment(node_env or {}):
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            object_store_memory=96 * 1024 * 1024,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp_dir,
+            log_to_driver=False,
+        )
     try:
         serve.start(http_options=http_options)
         cluster = RayServe(http_options["port"], args, range(metrics_port, metrics_port + 8))
