@@ -3,7 +3,8 @@
 One local Ray cluster serves the whole session (deploy/ray/local.yaml with the test's settings): only
 this module uses it, so its fixture is module-scoped and the cluster stops as soon as these tests end. The
 single server (``csm_server``) runs the same checkpoint and settings, so audio can be compared byte
-for byte. The shutdown test deletes the application; a test that needs it deploys it again.
+for byte. The downscaling test leaves one replica and the shutdown test deletes the application; a test
+that needs two replicas deploys them again (the ``proxy`` fixture).
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def ray_cluster(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture
 def proxy(ray_cluster):
-    """The cluster, with the application deployed (again, after the shutdown test)."""
-    if not ray_cluster.deployed():
-        ray_cluster.deploy()
+    """The cluster with the application deployed and two replicas running (again, after the
+    downscaling and shutdown tests)."""
+    if not ray_cluster.deployed() or ray_cluster.replica_states() != {"RUNNING": 2}:
+        ray_cluster.deploy()  # the config's own replica count again
     return ray_cluster
 
 
@@ -250,10 +252,51 @@ async def test_killing_a_replica_ends_its_streams_and_ray_replaces_it(proxy):
     assert proxy.replica_states().get("RUNNING") == 2
 
 
-async def test_shutdown_drains_a_running_stream_to_its_end(proxy):
+async def test_downscaling_drains_the_stopped_replicas_stream_then_closes_its_connection(proxy):
+    """Going from two replicas to one: both running streams end complete; the stopped replica's
+    connection is then closed with 1013, and the other replica's keeps serving."""
+    sockets, replicas = await one_per_replica(proxy.ws)
+    try:
+        for ws in sockets:
+            await ws.send(json.dumps({"text": LONG_TEXT, "speaker_id": 0, "max_audio_ms": 4000}))
+        firsts = [await ws.recv() for ws in sockets]
+        assert all(isinstance(first, bytes) for first in firsts)
+        downscaling = asyncio.create_task(asyncio.to_thread(proxy.deploy, num_replicas=1))  # as an operator would
+
+        async def rest(ws, first: bytes) -> tuple[int, dict]:
+            received = len(first)
+            while isinstance(message := await ws.recv(), bytes):
+                received += len(message)
+            return received, json.loads(message)
+
+        streams = await asyncio.wait_for(asyncio.gather(*(rest(ws, f) for ws, f in zip(sockets, firsts))), 120)
+        for received, done in streams:
+            assert "error" not in done and received == 2 * done["samples"] > 0
+        await asyncio.wait_for(downscaling, 300)  # until one replica runs and none is stopping
+        outcomes = []
+        for ws in sockets:
+            try:
+                _, done = await request(ws, text=TEXT, max_audio_ms=400)
+                outcomes.append(("served", done["replica"]))
+            except websockets.ConnectionClosed as closed:
+                outcomes.append(("closed", closed.rcvd.code if closed.rcvd else None))
+    finally:
+        for ws in sockets:
+            await ws.close()
+    assert sorted(kind for kind, _ in outcomes) == ["closed", "served"]
+    assert ("closed", 1013) in outcomes
+    (kept,) = [name for kind, name in outcomes if kind == "served"]
+    assert kept in replicas and proxy.replica_states() == {"RUNNING": 1}
+
+
+async def test_shutdown_drains_a_running_stream_to_its_end(ray_cluster):
     """``serve shutdown`` (deleting the application) lets a running stream finish, then closes its
     connection with 1013 so the client reconnects elsewhere."""
     from ray import serve
+
+    proxy = ray_cluster  # one replica is enough here, however many run
+    if not proxy.deployed():
+        proxy.deploy()
 
     async with websockets.connect(proxy.ws) as ws:
         await ws.send(json.dumps({"text": LONG_TEXT, "speaker_id": 0, "max_audio_ms": 3000}))

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,27 +24,51 @@ class RayServe(LoopbackUrls):
     """Ray's proxy on ``127.0.0.1:port`` in front of the ``csmserve`` application."""
 
     port: int
-    args: dict
+    application: dict
+    http_options: dict
     metrics_ports: range = field(default_factory=lambda: range(0))
 
-    def deploy(self) -> None:
-        from ray import serve
+    @property
+    def args(self) -> dict:
+        return self.application["args"]
 
-        from csmserve.ray_app import build
-
-        serve.run(build(self.args), name=APP, route_prefix="/")
-
-    def deployed(self) -> bool:
-        from ray import serve
-
-        return APP in serve.status().applications
-
-    def replica_states(self) -> dict[str, int]:
-        from ray import serve
+    def deploy(self, timeout: float = 300.0, **deployment_options) -> None:
+        """Deploy the application from its config, as `serve run FILE` does (Serve's controller
+        imports and builds it), and wait until its replicas run. ``deployment_options`` go under
+        ``deployments:``: unlike a change of ``args``, a change there updates replicas in place."""
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
 
         from csmserve.ray_app import DEPLOYMENT
 
-        return dict(serve.status().applications[APP].deployments[DEPLOYMENT].replica_states)
+        application = dict(self.application)
+        if deployment_options:
+            application["deployments"] = [{"name": DEPLOYMENT, **deployment_options}]
+        config = ServeDeploySchema.model_validate({"http_options": self.http_options, "applications": [application]})
+        _get_global_client().deploy_apps(config)
+        replicas = deployment_options.get("num_replicas", self.args["num_replicas"])
+        deadline = time.monotonic() + timeout
+        while not (self.deployed() and self.replica_states() == {"RUNNING": replicas}):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"csmserve did not reach {replicas} running replicas: {self.status()}")
+            time.sleep(0.2)
+
+    def status(self):
+        from ray import serve
+
+        return serve.status().applications.get(APP)
+
+    def deployed(self) -> bool:
+        status = self.status()
+        return status is not None and status.status == "RUNNING"
+
+    def replica_states(self) -> dict[str, int]:
+        from csmserve.ray_app import DEPLOYMENT
+
+        status = self.status()
+        if status is None or DEPLOYMENT not in status.deployments:
+            return {}
+        return {state: n for state, n in status.deployments[DEPLOYMENT].replica_states.items() if n}
 
     def kill(self, replica: str) -> None:
         """Kill one replica's process at once (no graceful shutdown), as a crash would."""
@@ -99,7 +124,9 @@ def ray_serve(settings: dict, replica_args: dict | None = None, node_env: dict[s
         )
     try:
         serve.start(http_options=http_options)
-        cluster = RayServe(http_options["port"], args, range(metrics_port, metrics_port + 8))
+        cluster = RayServe(
+            http_options["port"], {**application, "args": args}, http_options, range(metrics_port, metrics_port + 8)
+        )
         cluster.deploy()
         yield cluster
     finally:
