@@ -201,9 +201,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def own_server(args, extra_args: tuple[str, ...] = ()):
-    """``csmserve serve --engine fake`` in a child process on a free loopback port, healthy, then stopped
-    (``extra_args``: more ``serve`` flags)."""
+def own_server(args):
+    """``csmserve serve --engine fake`` in a child process on a free loopback port, healthy, then stopped."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="csm-load-") as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CSM_")}
@@ -213,7 +212,6 @@ def own_server(args, extra_args: tuple[str, ...] = ()):
             "--port", str(port), "--log-level", "warning", "--audio-dir", f"{tmp}/audio", "--voices-dir", f"{tmp}/voices",
             # Admission sized for the load: every client streams at once, none is refused.
             "--max-streams", str(max(16, args.clients)), "--max-queue", str(max(32, args.clients)),
-            *extra_args,
         ]
         log_path = Path(tmp) / "server.log"
         with open(log_path, "w") as log:

@@ -13,7 +13,8 @@ proxy, the replicas, the sockets. Measured at the client, for each target in tur
 
 The single server is ``csmserve serve`` in a child process; the Ray deployment is a local Ray cluster
 started here (loopback, no dashboard, no usage stats) with deploy/ray/local.yaml's application and two
-replicas, stopped at the end. Everything shares this machine's cores.
+replicas, stopped at the end. Both get the same settings (:func:`settings`). Everything shares this
+machine's cores.
 
     python bench/ray_load.py                          # 32 clients x 2 requests, 200 pings
     python bench/ray_load.py --write docs/benchmarks.md
@@ -27,6 +28,7 @@ import contextlib
 import datetime
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +38,9 @@ import yaml
 from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import DEFAULT_TEXT, ROOT, bounded, commit, drive, free_port, machine, own_server, percentile, summary  # noqa: E402
+from load import (  # noqa: E402
+    DEFAULT_TEXT, ROOT, bounded, commit, drive, free_port, machine, percentile, summary, wait_healthy,
+)
 
 START, END = "<!-- ray-load:start -->", "<!-- ray-load:end -->"
 
@@ -60,6 +64,37 @@ async def measure(url: str, args) -> dict:
     return {**stats, "rtt_ms": rtt, "requests_per_s": stats["ok"] / stats["wall_s"] if stats["wall_s"] else 0.0}
 
 
+def settings(args, folder: str) -> dict:
+    """What the single server and each replica run with: the paced fake engine, admission for the load."""
+    return {
+        "engine": "fake", "fake_frame_delay_ms": args.fake_frame_delay_ms, "log_level": "warning",
+        "max_streams": max(16, args.clients), "max_queue": max(32, args.clients),
+        "voices_dir": f"{folder}/voices", "audio_dir": f"{folder}/audio",
+    }
+
+
+@contextlib.contextmanager
+def single_server(args):
+    """``csmserve serve`` in a child process on a free loopback port with :func:`settings` (as CSM_*)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="csm-load-") as folder:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CSM_")}
+        env.update({f"CSM_{name.upper()}": str(value) for name, value in settings(args, folder).items()})
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+        log_path = Path(folder) / "server.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "csmserve", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}/health", process, log_path)
+            yield f"ws://127.0.0.1:{port}/ws/generate"
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
 @contextlib.contextmanager
 def ray_deployment(args):
     """A local Ray cluster serving deploy/ray/local.yaml's application with two fake-engine replicas."""
@@ -72,18 +107,14 @@ def ray_deployment(args):
     config = yaml.safe_load((ROOT / "deploy" / "ray" / "local.yaml").read_text())
     (application,) = config["applications"]
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="csmray") as temp, tempfile.TemporaryDirectory(prefix="csm-load-") as data:
+    with tempfile.TemporaryDirectory(prefix="csmray") as temp, tempfile.TemporaryDirectory(prefix="csm-load-") as folder:
         ray.init(num_cpus=4, include_dashboard=False, object_store_memory=96 * 1024 * 1024,
                  _node_ip_address="127.0.0.1", _temp_dir=temp, log_to_driver=False)
         try:
             serve.start(http_options={**config["http_options"], "host": "127.0.0.1", "port": port})
             replica_args = {
                 **application["args"], "num_replicas": 2, "metrics_port": 0,
-                "settings": {
-                    **application["args"].get("settings", {}), "engine": "fake", "log_level": "warning",
-                    "fake_frame_delay_ms": args.fake_frame_delay_ms, "max_streams": max(16, args.clients),
-                    "max_queue": max(32, args.clients), "voices_dir": f"{data}/voices", "audio_dir": f"{data}/audio",
-                },
+                "settings": {**application["args"].get("settings", {}), **settings(args, folder)},
             }
             serve.run(build(replica_args), name="csmserve", route_prefix="/")
             yield f"ws://127.0.0.1:{port}/ws/generate"
@@ -151,10 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recv-timeout", type=float, default=30.0)
     parser.add_argument("--write", type=Path, help="replace the ray-load section of this markdown file")
     args = parser.parse_args(argv)
-    args.engine, args.server_log = "fake", False  # what bench/load.py's own_server reads
+    args.hostile, args.hostile_lag_s = 0, 1.0  # bench/load.py's clients read these: no hostile clients here
 
-    flags = ("--fake-frame-delay-ms", str(args.fake_frame_delay_ms))
-    with own_server(args, flags) as (url, _process):
+    with single_server(args) as url:
         print(f"single server: {args.pings} pings, then {args.clients} x {args.requests} ...", flush=True)
         single = asyncio.run(measure(url, args))
     with ray_deployment(args) as url:
