@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser serve test test-fast bench load clean
+.PHONY: install browser serve serve-ray test test-fast bench load load-ray clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ browser:
 serve: $(STAMP)
 	$(BIN)/csmserve serve
 
+# Replicas behind Ray's proxy (docs/scale-out.md): a local Ray cluster started by `serve run`, stopped by Ctrl-C.
+RAY_CONFIG ?= deploy/ray/local.yaml
+serve-ray: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/serve run $(RAY_CONFIG)
+
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
@@ -39,6 +44,10 @@ bench: $(STAMP)
 
 load: $(STAMP)
 	$(BIN)/python bench/load.py
+
+# The single server vs two Ray Serve replicas, side by side (a local Ray cluster, stopped at the end).
+load-ray: $(STAMP)
+	$(BIN)/python bench/ray_load.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -67,3 +67,10 @@ def test_restart_keeps_downloads_and_drops_partial_writes(tmp_path):
     second = make(tmp_path)
     assert second.get(item.id).path.read_bytes() == b"keep me"
     assert not (tmp_path / "partial.tmp").exists()
+
+
+def test_a_file_stored_by_another_process_on_the_same_folder_is_served(tmp_path):
+    """Replicas sharing the folder: a download id another store wrote is found on disk."""
+    writer, reader = make(tmp_path), make(tmp_path)
+    item = writer.put(b"from the other replica")
+    assert reader.get(item.id).path.read_bytes() == b"from the other replica"

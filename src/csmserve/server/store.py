@@ -2,11 +2,13 @@
 
 Bounded by count, bytes and age; the oldest files go first. Files are named by an opaque random id
 the server generates, and a download is looked up in the index by that id: a client-supplied
-string never becomes a path.
+string never becomes a path. Replicas that share the folder serve each other's files: an id this
+process does not know is looked for on disk (after the id pattern check).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -51,7 +53,10 @@ class AudioStore:
         for item in sorted(found, key=lambda i: i.created):
             self._items[item.id] = item
         for tmp in self.directory.glob("*.tmp"):
-            tmp.unlink(missing_ok=True)
+            # Another replica's write in progress is fresh and named by an id; anything else is debris.
+            with contextlib.suppress(FileNotFoundError):
+                if not ID_PATTERN.match(tmp.stem) or time.time() - tmp.stat().st_mtime > 60:
+                    tmp.unlink(missing_ok=True)
         self.cleanup()
 
     @property
@@ -81,9 +86,22 @@ class AudioStore:
         self.cleanup()
         with self._lock:
             item = self._items.get(audio_id)
+        if item is None:
+            item = self._shared(audio_id)
         if item is None or not item.path.is_file():
             return None
         return item
+
+    def _shared(self, audio_id: str) -> StoredAudio | None:
+        """A file another process sharing the folder stored, if it is there and not expired."""
+        path = self.directory / f"{audio_id}.wav"
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        if time.time() - stat.st_mtime > self.ttl_s:
+            return None
+        return StoredAudio(audio_id, path, stat.st_size, stat.st_mtime)
 
     def cleanup(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
