@@ -54,6 +54,10 @@ class NotReady(CsmServeError):
     code = "not_ready"
     http_status = 503
     ws_close_code = 1013
+    LOADING = "the model is still loading; retry when /health says healthy"
+
+    def __init__(self, message: str = LOADING):
+        super().__init__(message)
 
 
 class Overloaded(CsmServeError):

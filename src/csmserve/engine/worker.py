@@ -364,7 +364,7 @@ async def synthesize_on(worker: ModelWorker, info, request: SynthesisRequest) ->
     """An engine's ``synthesize``: refuse before the model is ready, stream the request's audio, and mark
     the engine failed (``info.failed``) once the device has failed for good."""
     if not info.ready:
-        raise NotReady("the model is still loading; retry when /health says healthy")
+        raise NotReady()
     try:
         async for item in worker.stream(request):
             yield item

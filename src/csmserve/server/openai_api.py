@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from csmserve.audio.containers import RESPONSE_FORMATS, make_container_encoder
-from csmserve.errors import CsmServeError, InvalidRequest, Overloaded
+from csmserve.errors import CsmServeError, InvalidRequest, NotReady, Overloaded
 from csmserve.logs import request_id
 from csmserve.pipeline import StreamStats, synthesis_request
 from csmserve.protocol import parse_json_object, parse_options
@@ -127,7 +127,7 @@ async def speech(request: Request):
         return openai_error(400, exc.message, "voice" if "voice" in exc.message else None)
     engine = state.engine
     if not engine.info.ready:
-        return openai_error(503, "the model is still loading; retry when /health says healthy")
+        return openai_error(503, NotReady.LOADING)
     encoder = make_container_encoder(response_format, whole_file=not streamed)
     stats = StreamStats(engine.sample_rate)
 

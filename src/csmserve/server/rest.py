@@ -36,7 +36,7 @@ async def generate(request: Request) -> Response:
     parsed = parse_generate(data, state.limits)
     engine = state.engine
     if not engine.info.ready:
-        error = NotReady("the model is still loading; retry when /health says healthy")
+        error = NotReady()
         return JSONResponse({"error": error.to_dict()}, status_code=503, headers={"Retry-After": "5"})
     if parsed.framing is not None:
         raise InvalidRequest("framing is for WebSocket streams; POST /generate returns a WAV file")

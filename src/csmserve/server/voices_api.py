@@ -54,7 +54,7 @@ async def create_voice(
         raise Conflict(f"a voice named {name!r} exists already; pick another name or delete it first")
     clip = await decode_off_loop(state, data)
     if not state.engine.info.ready:
-        raise NotReady("the model is still loading; retry when /health says healthy")
+        raise NotReady()
     codes = await state.engine.encode(clip)
     voice = state.voices.add(name, speaker_id, transcript.strip(), codes)
     return JSONResponse(voice.public(), status_code=201)

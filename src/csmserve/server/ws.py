@@ -218,7 +218,7 @@ class Connection:
         stats = None
         try:
             if not engine.info.ready:
-                raise NotReady("the model is still loading; retry when /health says healthy")
+                raise NotReady()
             if stream is None:
                 stats = StreamStats(engine.sample_rate, started=job.received_at)
                 output = AudioOutput(request, stats)
