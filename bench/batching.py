@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from run import PROMPT, full_size_model, machine, matvec_bandwidth, serve, sync, weight_bytes_per_frame  # noqa: E402
+from run import (  # noqa: E402
+    PROMPT, full_size_model, machine, matvec_bandwidth, serve, sync, weight_bytes_per_frame, write_section,
+)
 
 from csmserve.engine.runner import BatchRunner, RowSampling  # noqa: E402
 
@@ -208,15 +210,7 @@ def main() -> None:
     block = render(step_rows, server_rows, args.frames, plot)
     print("\n" + block)
     if args.write:
-        text = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        start, end = "<!-- bench:batching:start -->", "<!-- bench:batching:end -->"
-        if start in text and end in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        args.write.write_text(text)
-        print(f"wrote {args.write}")
-
+        write_section(args.write, "batching", block)
 
 if __name__ == "__main__":
     main()

@@ -408,15 +408,19 @@ def main() -> None:
     block = "\n".join(lines)
     print("\n" + block)
     if args.write:
-        text = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        start, end = f"<!-- bench:{kind}:start -->", f"<!-- bench:{kind}:end -->"
-        if start in text and end in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        args.write.write_text(text)
-        print(f"wrote {args.write}")
+        write_section(args.write, kind, block)
 
+
+def write_section(path: Path, kind: str, block: str) -> None:
+    """Replace the ``<!-- bench:KIND:start -->`` ... ``end`` block of a markdown file (or append it)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = f"<!-- bench:{kind}:start -->", f"<!-- bench:{kind}:end -->"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+    print(f"wrote {path}")
 
 if __name__ == "__main__":
     main()

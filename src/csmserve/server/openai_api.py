@@ -24,7 +24,7 @@ from csmserve.errors import CsmServeError, InvalidRequest, NotReady, Overloaded
 from csmserve.logs import request_id
 from csmserve.pipeline import StreamStats, synthesis_request
 from csmserve.protocol import parse_json_object, parse_options
-from csmserve.server.streaming import ClientGone, Slot, guarded_stream, outcome_of, until_disconnect
+from csmserve.server.streaming import ClientGone, Slot, collected, guarded_stream
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
@@ -194,16 +194,9 @@ async def _whole_file(request: Request, state, audio_bytes, media_type: str, sta
             async for data in chunks:
                 parts.append(data)
 
-    try:
-        await until_disconnect(request, slot, collect)
-    except ClientGone:
-        slot.leave("disconnected", stats)
+    failure = await collected(request, slot, collect, stats)
+    if isinstance(failure, ClientGone):
         return Response(status_code=499)  # nobody reads it; the generation was cancelled
-    except CsmServeError as exc:
-        slot.leave(outcome_of(exc), stats)
-        return _error(exc)
-    except BaseException:
-        slot.leave("error", stats)
-        raise
-    slot.leave("ok", stats)
+    if failure is not None:
+        return _error(failure)
     return Response(b"".join(parts), media_type=media_type)

@@ -11,11 +11,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from csmserve.audio.wav import pcm16_to_wav
-from csmserve.errors import CsmServeError, InvalidRequest, NotFound, NotReady, Overloaded
+from csmserve.errors import InvalidRequest, NotFound, NotReady, Overloaded
 from csmserve.logs import request_id
 from csmserve.pipeline import AudioOutput, StreamStats, stream_audio, synthesis_request
 from csmserve.protocol import parse_generate, parse_json_object
-from csmserve.server.streaming import ClientGone, Slot, outcome_of, until_disconnect
+from csmserve.server.streaming import ClientGone, Slot, collected
 
 router = APIRouter()
 
@@ -57,19 +57,12 @@ async def generate(request: Request) -> Response:
             async for chunk in chunks:
                 pcm.extend(chunk)
 
-    try:
-        await until_disconnect(request, slot, collect)
-    except ClientGone:
-        slot.leave("disconnected", stats)
+    failure = await collected(request, slot, collect, stats)
+    if isinstance(failure, ClientGone):
         return Response(status_code=499)  # nobody reads it; the generation was cancelled
-    except CsmServeError as exc:
-        slot.leave(outcome_of(exc), stats)
-        headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else None
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
-    except BaseException:
-        slot.leave("error", stats)
-        raise
-    slot.leave("ok", stats)
+    if failure is not None:
+        headers = {"Retry-After": "1"} if failure.http_status in (429, 503) else None
+        return JSONResponse({"error": failure.to_dict()}, status_code=failure.http_status, headers=headers)
     wav = pcm16_to_wav(bytes(pcm), parsed.sample_rate, parsed.format)
     if _wants_wav(request):
         return Response(wav, media_type="audio/wav")

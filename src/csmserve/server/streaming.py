@@ -102,6 +102,25 @@ async def until_disconnect(request: Request, slot: Slot, work: Callable[[], Awai
     return result[0]
 
 
+async def collected(request: Request, slot: Slot, work: Callable[[], Awaitable[None]], stats=None) -> Exception | None:
+    """Run ``work()`` (which collects a whole file from the engine) under :func:`until_disconnect` and
+    leave the slot with its outcome. Returns ``None`` when it completed, else what stopped it: a
+    :class:`ClientGone` (nobody to answer) or the :class:`CsmServeError` to answer with."""
+    try:
+        await until_disconnect(request, slot, work)
+    except ClientGone as exc:
+        slot.leave("disconnected", stats)
+        return exc
+    except CsmServeError as exc:
+        slot.leave(outcome_of(exc), stats)
+        return exc
+    except BaseException:
+        slot.leave("error", stats)
+        raise
+    slot.leave("ok", stats)
+    return None
+
+
 async def first_piece(slot: Slot, chunks: AsyncIterator[bytes]) -> bytes | None:
     """Wait for the stream's first bytes before any header is sent, so that a refusal by the engine
     (a full queue: :class:`Overloaded`) or a failure is still an HTTP status. None: nothing at all."""
@@ -152,16 +171,18 @@ class GuardedStream(Response):
                             raise ClientGone("client reads too slowly")
 
                     group.start_soon(watch)
-                    outcome = await self._stream(bounded_send)
+                    # Caught here, in the task that raised them, so no exception group forms (Python 3.10).
+                    try:
+                        outcome = await self._stream(bounded_send)
+                    except ClientGone:
+                        pass  # the outcome is already "disconnected"
+                    except CsmServeError as failed:  # headers are out: end the stream, say why in the log
+                        outcome = outcome_of(failed)
+                        log.warning("stream failed: %s", failed.message)
                     group.cancel_scope.cancel()
             if deadline.cancelled_caught:
                 outcome = "timeout"
                 log.warning("%s", self.slot.timeout_error().message)
-        except* ClientGone:
-            pass
-        except* CsmServeError as failed:  # headers are out: end the stream, say why in the log
-            outcome = outcome_of(failed.exceptions[0])
-            log.warning("stream failed: %s", failed.exceptions[0].message)
         finally:
             await self.chunks.aclose()
             self.slot.leave(outcome, self.stats)
