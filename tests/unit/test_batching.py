@@ -224,3 +224,24 @@ async def test_capacity_reports_rows_and_steps(loaded):
     assert before.max_batch == 4 and before.active == 0 and before.free_slots == 4
     assert max(c.active for c in seen) == 2 and min(c.free_slots for c in seen) == 2
     assert seen[-1].steps > before.steps and max(c.last_batch for c in seen) == 2
+
+
+async def test_alternating_voices_each_reuse_their_own_slots_prefix(loaded):
+    """Two voices served at once keep their prompts in two slots: the next request of each voice lands in
+    its voice's slot and skips that prefill (one cached prompt for the whole engine would lose one of them)."""
+    from csmserve.engine import ContextTurn
+
+    rng = np.random.default_rng(0)
+    voices = {name: (ContextTurn(0, f"This is the {name} voice speaking.", codes=rng.integers(0, 2048, (12, 32))),)
+              for name in ("alto", "bass")}
+    engine, _ = await started(loaded)
+    try:
+        await asyncio.gather(*(collect(engine, SynthesisRequest(text="First.", voice=v, max_audio_ms=240)) for v in voices.values()))
+        before = engine.prefill_positions
+        for name in ("alto", "bass"):
+            await collect(engine, SynthesisRequest(text="Second, new text.", voice=voices[name], max_audio_ms=240))
+        after = engine.prefill_positions
+    finally:
+        await engine.close()
+    voice_positions = 12 + 1  # each voice's frames and its audio_eos frame, after its transcript's tokens
+    assert after["reused"] - before["reused"] >= 2 * voice_positions
