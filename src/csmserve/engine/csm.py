@@ -156,7 +156,9 @@ class CsmSteps:
         u.embeds = builder.embeddings(kept, request.speaker_id, piece)
         length = u.embeds.shape[1]
         if length >= window:
-            raise ValueError(f"prompt of {length} positions leaves no room in the {window} window")
+            from csmserve.errors import InvalidRequest
+
+            raise InvalidRequest(f"the prompt takes {length} positions and leaves no room in the model's {window}")
         seed = None if request.seed is None else request.seed + u.index
         u.sampling = RowSampling.create(self.runner, temperature=request.temperature, top_k=request.top_k, seed=seed)
         key = builder.key(kept, request.speaker_id, piece) if self.settings.prefix_cache else None
