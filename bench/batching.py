@@ -146,11 +146,11 @@ def svg(step_rows: list[dict], server_rows: list[dict]) -> str:
                f'<text x="{x0 + w / 2}" y="{h + 30}" text-anchor="middle">{xlabel}</text>',
                f'<text x="{x0 + 4}" y="26">{ylabel} (max {ymax / 1.1:.3g})</text>']
         colours = ["#1f77b4", "#d62728", "#2ca02c"]
-        for (name, points), colour in zip(series.items(), colours):
+        for index, ((name, points), colour) in enumerate(zip(series.items(), colours)):
             coords = [(x0 + pad + (w - pad) * x / xmax, h - (h - 30) * y / ymax) for x, y in points]
             out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in coords)}"/>')
             out += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{colour}"/>' for a, b in coords]
-            out.append(f'<text x="{coords[-1][0] - 4:.1f}" y="{coords[-1][1] - 8:.1f}" text-anchor="end" fill="{colour}">{name}</text>')
+            out.append(f'<text x="{x0 + pad + 10}" y="{44 + 16 * index}" fill="{colour}">&#9632; {name}</text>')  # legend
             out += [f'<text x="{a:.1f}" y="{h + 14}" text-anchor="middle" font-size="10">{x:g}</text>' for (x, _), (a, _) in zip(points, coords)]
         return out
 
