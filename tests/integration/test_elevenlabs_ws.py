@@ -431,3 +431,15 @@ async def test_control_characters_in_a_context_id_never_reach_the_log(settings_f
     assert "injected" not in error["message"]
     assert lines and all("\n" not in line and "\x1b" not in line for line in lines)
     assert any("evil?FAKE LOG LINE?[31m" in line for line in lines)
+
+
+async def test_the_message_limit_counts_utf8_bytes_not_characters(settings_factory):
+    """multi-stream-input: 400 euro signs (1,200 UTF-8 bytes, under 1,024 characters) pass
+    CSM_MAX_MESSAGE_BYTES 1024 only as characters: message_too_large; the socket stays open."""
+    with running_server(settings_factory(engine="fake", max_message_bytes=1024), FakeEngine()) as server:
+        async with websockets.connect(el_url(server)) as ws:
+            await ws.send(json.dumps({"text": "€" * 400, "context_id": "a"}, ensure_ascii=False))
+            refused = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            await ws.send(json.dumps({"text": "Hi. ", "context_id": "a", "flush": True}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["audio"]
+    assert refused["error"] == "message_too_large"
