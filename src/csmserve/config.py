@@ -141,7 +141,8 @@ class Settings(BaseSettings):
         100_000, ge=1, description="Most text one streamed-text context_id may carry, in characters."
     )
     max_contexts_per_connection: int = Field(
-        16, ge=1, description="Streamed-text context_ids one WebSocket may open (ended ones count too)."
+        16, ge=1, description="Streamed-text context_ids one WebSocket may open (ended ones count too; "
+        "on ElevenLabs sockets: open at once, never more than 5)."
     )
 
     # Voices

@@ -153,3 +153,19 @@ def test_the_sdk_key_is_checked_when_keys_are_set(settings_factory):
         with pytest.raises(ApiError) as caught:
             b"".join(bad.text_to_speech.convert("0", text="Hi."))
         assert caught.value.status_code == 403
+
+
+def test_a_generation_failure_is_a_500_in_elevenlabs_shape_without_internal_text(settings_factory):
+    """The model raising: convert answers 500 generation_failed in ElevenLabs' detail shape (the SDK
+    raises ApiError), with no internal exception text; the server keeps serving."""
+    from csmserve.engine.fake import FakeEngine
+    from support.servers import running_server
+
+    with running_server(settings_factory(engine="fake"), FakeEngine(fail_at_frame=1)) as server:
+        sdk = ElevenLabs(api_key="unused", base_url=server.http, timeout=30)
+        with pytest.raises(ApiError) as caught:
+            b"".join(sdk.text_to_speech.convert("0", text="This sentence will fail."))
+        assert httpx.get(server.http + "/health", timeout=10).status_code == 200
+    assert caught.value.status_code == 500
+    assert caught.value.body["detail"]["status"] == "generation_failed"
+    assert "injected" not in caught.value.body["detail"]["message"]

@@ -340,3 +340,106 @@ async def test_a_generation_failure_ends_its_context_with_an_error(settings_fact
     errors = [m for m in messages if "error" in m]
     assert [(e["error"], e["contextId"], e["code"]) for e in errors] == [("generation_failed", "a", 1011)]
     assert messages[-1] == {"isFinal": True, "contextId": "a"}
+
+
+# -- a client spends only its own share (the rules of /ws/generate, from ws.py) ---------------------
+
+
+async def closing_message(ws) -> tuple[dict, int]:
+    """The message a refused socket gets, and the close code that follows it."""
+    message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await asyncio.wait_for(ws.recv(), 10)
+    return message, closed.value.rcvd.code
+
+
+async def test_a_socket_that_never_sends_its_key_is_closed_at_the_auth_deadline(settings_factory):
+    """No key in the header, the query or a first message: invalid_api_key and 1008 after
+    CSM_AUTH_TIMEOUT_S, not after ElevenLabs' 20 s inactivity timeout; no audio was sent."""
+    settings = settings_factory(engine="fake", api_keys="k1", auth_timeout_s=0.3)
+    with running_server(settings, FakeEngine()) as server:
+        async with websockets.connect(el_url(server, inactivity_timeout=180)) as ws:
+            message, code = await closing_message(ws)
+    assert message["error"] == "invalid_api_key" and code == 1008
+
+
+async def test_at_most_max_unauthenticated_sockets_wait_for_their_key(settings_factory):
+    """With CSM_MAX_UNAUTHENTICATED 1, a second socket without a key is refused with 1013 while the
+    first waits; once the first presents its key, a new one may wait again."""
+    settings = settings_factory(engine="fake", api_keys="k1", max_unauthenticated=1)
+    with running_server(settings, FakeEngine()) as server:
+        async with websockets.connect(el_url(server)) as waiting:
+            async with websockets.connect(el_url(server)) as refused:
+                message, code = await closing_message(refused)
+            assert message["error"] == "overloaded" and code == 1013
+            await waiting.send(json.dumps({"text": "Hi. ", "context_id": "a", "flush": True, "xi_api_key": "k1"}))
+            assert json.loads(await asyncio.wait_for(waiting.recv(), 10))["audio"]
+            async with websockets.connect(el_url(server)) as next_one:
+                await next_one.send(json.dumps({"text": "Hi. ", "context_id": "b", "flush": True, "xi_api_key": "k1"}))
+                assert json.loads(await asyncio.wait_for(next_one.recv(), 10))["audio"]
+
+
+async def test_a_context_carries_at_most_max_stream_chars(settings_factory):
+    """Text beyond CSM_MAX_STREAM_CHARS on one context is refused with max_character_limit_exceeded
+    (naming the context); what came before is still spoken, and another context may speak."""
+    with running_server(settings_factory(engine="fake", max_stream_chars=30), FakeEngine()) as server:
+        async with websockets.connect(el_url(server)) as ws:
+            await ws.send(json.dumps({"text": "Hello there. ", "context_id": "a"}))  # 13 characters
+            await ws.send(json.dumps({"text": "This is far too much text. ", "context_id": "a"}))  # 40 in all
+            refused = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            await ws.send(json.dumps({"context_id": "a", "flush": True}))
+            await ws.send(json.dumps({"text": "Another one. ", "context_id": "b", "flush": True}))
+            messages = await receive_until_final_after_close(ws, {"a", "b"})
+    assert (refused["error"], refused["contextId"]) == ("max_character_limit_exceeded", "a")
+    assert len(audio_of(messages["a"])) == 2 * len(server.engine.render(SynthesisRequest("Hello there.", max_audio_ms=90_000)))
+    assert audio_of(messages["b"])
+
+
+async def receive_until_final_after_close(ws, contexts: set[str]) -> dict[str | None, list[dict]]:
+    for cid in contexts:
+        await ws.send(json.dumps({"context_id": cid, "close_context": True}))
+    return await receive_until_final(ws, contexts)
+
+
+async def test_contexts_open_at_once_are_capped_by_the_smaller_limit(settings_factory):
+    """CSM_MAX_CONTEXTS_PER_CONNECTION 2: a third open context is refused; ElevenLabs' own 5 caps a larger setting."""
+    with running_server(settings_factory(engine="fake", max_contexts_per_connection=2), FakeEngine()) as server:
+        async with websockets.connect(el_url(server)) as ws:
+            for cid in ("a", "b", "c"):
+                await ws.send(json.dumps({"text": " ", "context_id": cid}))
+            refused = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert refused["error"] == "invalid_input_message" and "2 contexts" in refused["message"]
+    with running_server(settings_factory(engine="fake", max_contexts_per_connection=50), FakeEngine()) as server:
+        async with websockets.connect(el_url(server)) as ws:
+            for cid in "abcdef":
+                await ws.send(json.dumps({"text": " ", "context_id": cid}))
+            refused = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert refused["error"] == "invalid_input_message" and "5 contexts" in refused["message"]
+
+
+async def test_control_characters_in_a_context_id_never_reach_the_log(settings_factory, caplog):
+    """A context id with a newline and an escape, on a failing generation: the log line that names it
+    has them replaced; the client still gets its own id back, and no internal exception text."""
+    caplog.set_level("WARNING", logger="csmserve.server.elevenlabs_ws")
+    cid = "evil\nFAKE LOG LINE\x1b[31m"
+    with running_server(settings_factory(engine="fake"), FakeEngine(fail_at_frame=1)) as server:
+        async with websockets.connect(el_url(server)) as ws:
+            await ws.send(json.dumps({"text": "This sentence will fail. ", "context_id": cid, "flush": True}))
+            error = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    lines = [r.getMessage() for r in caplog.records if r.name == "csmserve.server.elevenlabs_ws"]
+    assert error["contextId"] == cid and error["error"] == "generation_failed"
+    assert "injected" not in error["message"]
+    assert lines and all("\n" not in line and "\x1b" not in line for line in lines)
+    assert any("evil?FAKE LOG LINE?[31m" in line for line in lines)
+
+
+async def test_the_message_limit_counts_utf8_bytes_not_characters(settings_factory):
+    """multi-stream-input: 400 euro signs (1,200 UTF-8 bytes, under 1,024 characters) pass
+    CSM_MAX_MESSAGE_BYTES 1024 only as characters: message_too_large; the socket stays open."""
+    with running_server(settings_factory(engine="fake", max_message_bytes=1024), FakeEngine()) as server:
+        async with websockets.connect(el_url(server)) as ws:
+            await ws.send(json.dumps({"text": "€" * 400, "context_id": "a"}, ensure_ascii=False))
+            refused = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            await ws.send(json.dumps({"text": "Hi. ", "context_id": "a", "flush": True}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["audio"]
+    assert refused["error"] == "message_too_large"

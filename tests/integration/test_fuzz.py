@@ -868,7 +868,7 @@ def test_an_abandoned_request_is_cancelled_and_counted_as_disconnected(tmp_path,
     assert made < 122
 
 
-@pytest.mark.parametrize("route", [r for r in STREAMING_ROUTES if r.endpoint != "ws"], ids=lambda r: r.name)
+@pytest.mark.parametrize("route", [r for r in STREAMING_ROUTES if not r.websocket], ids=lambda r: r.name)
 def test_with_the_worker_queue_full_every_http_route_answers_429(tmp_path, route):
     """One request in the engine's only row, one queued (max_batch 1, max_queue 1): the next is a 429
     with Retry-After and a JSON error, never a 200 with an empty body; it counts as rejected."""
@@ -888,7 +888,7 @@ def test_with_the_worker_queue_full_every_http_route_answers_429(tmp_path, route
             for sock in held:
                 sock.close()
     assert response.status_code == 429, (response.status_code, response.content[:200])
-    assert response.headers["Retry-After"] == "1" and response.json()["error"]["code"] == "overloaded"
+    assert response.headers["Retry-After"] == "1" and route.overloaded_code(response.json()) == "overloaded"
     assert counter(metrics, "csm_requests_total", endpoint=route.endpoint, outcome="rejected") == 1
 
 

@@ -147,7 +147,9 @@ def test_an_upload_above_the_limit_is_refused_by_its_content_length(settings_fac
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
 
-@pytest.mark.parametrize("path", ["/generate", "/v1/audio/speech"])
+@pytest.mark.parametrize(
+    "path", ["/generate", "/v1/audio/speech", "/v1/text-to-speech/0", "/v1/text-to-speech/0/stream/with-timestamps"]
+)
 def test_a_cross_site_text_plain_post_does_not_generate(server, path):
     """A text/plain POST (what a cross-site form sends without a preflight) is a 415, no audio made."""
     body = json.dumps({"text": "Hi.", "model": "tts-1", "input": "Hi.", "voice": "alloy"})

@@ -23,12 +23,30 @@ class StreamingRoute:
     endpoint: str
     #: Whether audio goes out as it is generated (False: the whole file at the end).
     streams: bool = True
+    #: A WebSocket route (else HTTP POST).
+    websocket: bool = False
 
     def body(self, text: str, request_id: str) -> dict:
+        """The request (HTTP) or the message that asks for ``text`` (WebSocket; ElevenLabs: the flushed text)."""
         if self.endpoint == "openai":
             # "stream" chooses a stream or a whole file (a client that says nothing gets the file).
             return {"model": "tts-1", "input": text, "voice": "alloy", "response_format": "pcm", "stream": self.streams}
+        if self.endpoint == "elevenlabs":
+            # HTTP: the request id comes as X-Request-Id; WebSocket: the context id is the request id.
+            return {"text": text, "context_id": request_id, "flush": True} if self.websocket else {"text": text}
         return {"text": text, "request_id": request_id}
+
+    def messages(self, text: str, request_id: str) -> list[dict]:
+        """What a WebSocket client sends: ElevenLabs' multi-stream-input opens its context first."""
+        if self.endpoint == "elevenlabs":
+            return [{"text": " ", "context_id": request_id}, self.body(text, request_id)]
+        return [self.body(text, request_id)]
+
+    def overloaded_code(self, answer: dict) -> str | None:
+        """The error code of a 429's JSON body, in the route's own error shape."""
+        if self.endpoint == "elevenlabs":
+            return "overloaded" if answer["detail"]["status"] == "too_many_concurrent_requests" else None
+        return answer["error"]["code"]
 
     def open(self, port: int, text: str, request_id: str, rcvbuf: int = 4096) -> socket.socket:
         """Send one request over a raw socket with a small receive buffer, and read nothing."""
@@ -36,8 +54,7 @@ class StreamingRoute:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.settimeout(10)  # a test fails, never hangs, on a server that does not answer
         sock.connect(("127.0.0.1", port))
-        payload = json.dumps(self.body(text, request_id)).encode()
-        if self.endpoint == "ws":
+        if self.websocket:
             key = base64.b64encode(os.urandom(16)).decode()
             sock.sendall(
                 f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
@@ -49,8 +66,10 @@ class StreamingRoute:
                 if not data:
                     raise ConnectionError(f"handshake refused: {answer!r}")
                 answer += data
-            sock.sendall(masked_text_frame(payload))
+            for message in self.messages(text, request_id):
+                sock.sendall(masked_text_frame(json.dumps(message).encode()))
         else:
+            payload = json.dumps(self.body(text, request_id)).encode()
             sock.sendall(
                 f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
                 f"X-Request-Id: {request_id}\r\n"
@@ -72,11 +91,19 @@ def masked_text_frame(payload: bytes) -> bytes:
     return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+ELEVENLABS_TTS = "/v1/text-to-speech/0"  # speaker 0; raw PCM keeps the byte counts plain
+
 STREAMING_ROUTES = (
-    StreamingRoute("websocket", "/ws/generate", "ws"),
+    StreamingRoute("websocket", "/ws/generate", "ws", websocket=True),
     StreamingRoute("rest", "/generate", "rest", streams=False),
     StreamingRoute("openai", "/v1/audio/speech", "openai"),
     StreamingRoute("openai-file", "/v1/audio/speech", "openai", streams=False),
+    StreamingRoute("elevenlabs-stream", ELEVENLABS_TTS + "/stream?output_format=pcm_24000", "elevenlabs"),
+    StreamingRoute("elevenlabs-file", ELEVENLABS_TTS + "?output_format=pcm_24000", "elevenlabs", streams=False),
+    StreamingRoute(
+        "elevenlabs-multi-stream-input", ELEVENLABS_TTS + "/multi-stream-input?output_format=pcm_24000",
+        "elevenlabs", websocket=True,
+    ),
 )
 
 

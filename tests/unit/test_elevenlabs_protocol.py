@@ -170,6 +170,28 @@ def test_contexts_per_connection_are_bounded():
     assert actions.opened == [] and actions.events[0]["error"] == "invalid_input_message"
 
 
+def test_the_server_limit_on_contexts_applies_when_smaller_than_five():
+    """max_contexts 2: a third open context is refused; closing one makes room again."""
+    session = ContextSession(multi=True, auto_mode=False, max_text_chars=100, max_contexts=2)
+    for cid in ("a", "b"):
+        assert session.handle(f'{{"text": " ", "context_id": "{cid}"}}').opened
+    assert session.handle('{"text": " ", "context_id": "c"}').opened == []
+    session.handle('{"context_id": "a", "close_context": true}')
+    assert session.handle('{"text": " ", "context_id": "c"}').opened
+
+
+def test_a_context_carries_at_most_max_stream_chars():
+    """Text that would take a context past max_stream_chars is refused whole, naming the context; other
+    contexts have their own share."""
+    session = ContextSession(multi=True, auto_mode=True, max_text_chars=100, max_stream_chars=20)
+    (context,) = session.handle('{"text": "Hello there. ", "context_id": "a"}').opened
+    refused = session.handle('{"text": "Too much text. ", "context_id": "a"}')
+    assert refused.speak == [] and refused.events[0]["error"] == "max_character_limit_exceeded"
+    assert refused.events[0]["contextId"] == "a"
+    assert session.handle('{"context_id": "a", "flush": true}').speak == [(context, "Hello there.")]
+    assert session.handle('{"text": "Other one here. ", "context_id": "b", "flush": true}').speak
+
+
 def test_stream_input_empty_text_ends_the_input():
     """stream-input: "" speaks what is buffered, finishes the context and closes the socket."""
     session = ContextSession(multi=False, auto_mode=False, max_text_chars=100)

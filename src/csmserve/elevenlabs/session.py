@@ -30,7 +30,9 @@ from csmserve.elevenlabs.messages import (
 from csmserve.elevenlabs.text import DEFAULT_SCHEDULE, ContextText
 from csmserve.errors import InvalidRequest
 
-#: Contexts one connection may hold open at once (ElevenLabs' limit for multi-stream-input).
+#: Contexts one connection may hold open at once: ElevenLabs' limit for multi-stream-input
+#: ("Maximum simultaneous contexts per WebSocket connection exceeded (5)"); the server's
+#: ``max_contexts_per_connection`` applies when smaller.
 MAX_CONTEXTS = 5
 
 
@@ -43,6 +45,8 @@ class Context:
     #: The last input was a flush: closing lets the flushed text finish.
     flushed: bool = False
     runner: Any = None
+    #: Characters of text received on this context so far (bounded by ``max_stream_chars``).
+    chars: int = 0
 
 
 @dataclass
@@ -61,10 +65,18 @@ class Actions:
 
 
 class ContextSession:
-    """The contexts of one connection; ``multi`` for multi-stream-input, else stream-input."""
+    """The contexts of one connection; ``multi`` for multi-stream-input, else stream-input.
 
-    def __init__(self, *, multi: bool, auto_mode: bool, max_text_chars: int):
+    A client spends only its own share: a context carries at most ``max_stream_chars`` characters of
+    text, and at most ``min(max_contexts, MAX_CONTEXTS)`` contexts are open at once."""
+
+    def __init__(
+        self, *, multi: bool, auto_mode: bool, max_text_chars: int, max_stream_chars: int = 100_000,
+        max_contexts: int = MAX_CONTEXTS,
+    ):
         self.multi = multi
+        self.max_stream_chars = max_stream_chars
+        self.max_contexts = min(max_contexts, MAX_CONTEXTS)
         self.auto_mode = auto_mode
         self.max_text_chars = max_text_chars
         self.contexts: dict[str, Context] = {}
@@ -101,13 +113,21 @@ class ContextSession:
         cid = message.context_id or DEFAULT_CONTEXT
         context = self.contexts.get(cid)
         if context is None:
-            if len(self.contexts) >= MAX_CONTEXTS:
-                raise InvalidRequest(f"{MAX_CONTEXTS} contexts are open on this connection; close one first")
+            if len(self.contexts) >= self.max_contexts:
+                raise InvalidRequest(f"{self.max_contexts} contexts are open on this connection; close one first")
             schedule = message.schedule or self._schedule or DEFAULT_SCHEDULE
             if not self.multi:
                 self._schedule = schedule
             context = self.contexts[cid] = Context(cid, ContextText(schedule, self.auto_mode, self.max_text_chars))
             actions.opened.append(context)
+        if context.chars + len(message.text) > self.max_stream_chars:
+            actions.events.append(error_message(
+                "max_character_limit_exceeded",
+                f"a context carries at most {self.max_stream_chars} characters; close it and open another",
+                context_id=context.id if self.multi else None,
+            ))
+            return actions
+        context.chars += len(message.text)
         sentences = context.text.push(message.text) if message.text else []
         if message.try_trigger:
             sentences += context.text.try_trigger()

@@ -7,29 +7,35 @@ the sentence's characters). Body fields: ``text``; ``seed``; ``previous_text`` (
 text-only turn of the same speaker); ``model_id``, ``voice_settings``, ``next_text``,
 ``language_code`` and the rest are accepted and ignored. Errors come in ElevenLabs' shapes:
 ``{"detail": {"status", "message"}}``, and FastAPI's ``{"detail": [...]}`` with 422 for a bad field.
+
+Every route follows the shared rule of :mod:`csmserve.server.streaming`: the streamed ones go through
+:func:`guarded_stream` (admission, deadline, slow-reader cut, cancel on disconnect), the whole-file
+ones through :class:`Slot` and :func:`until_disconnect`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
-import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from csmserve.elevenlabs.formats import ChunkedAudio, OutputFormat, parse_output_format
 from csmserve.elevenlabs.messages import parse_seed
 from csmserve.elevenlabs.text import http_alignment
 from csmserve.engine import Continuation
-from csmserve.errors import CsmServeError, DeadlineExceeded, InvalidRequest, Overloaded
-from csmserve.pipeline import deadline, stream_audio, synthesis_request
+from csmserve.errors import CsmServeError, InvalidRequest, Overloaded
+from csmserve.logs import request_id
+from csmserve.pipeline import stream_audio, synthesis_request
 from csmserve.protocol import parse_json_object, parse_options
 from csmserve.server.elevenlabs_ws import voice_fields, voice_not_found
+from csmserve.server.streaming import ClientGone, Slot, guarded_stream, outcome_of, until_disconnect
 from csmserve.text.sentences import split_sentences
 
-log = logging.getLogger(__name__)
+ENDPOINT = "elevenlabs"
 router = APIRouter(prefix="/v1/text-to-speech")
 
 #: A piece of the output: encoded bytes, and after each sentence its (text, start ms, duration ms).
@@ -64,36 +70,28 @@ class Speech:
         return [{"speaker_id": speaker, "text": self.previous[: self.state.settings.max_text_chars]}]
 
     async def pieces(self) -> AsyncIterator[Piece]:
-        """The audio as it is generated; releases the admission slot at the end (taken by :func:`admit`)."""
+        """The audio as it is generated; raises :class:`CsmServeError`. Admission, deadline and
+        disconnects are the caller's (:mod:`csmserve.server.streaming`); closing this closes the engine's stream."""
         state = self.state
         audio = ChunkedAudio(self.output, state.settings.default_chunk_ms)
         continuation = Continuation()
-        outcome = "disconnected"
-        try:
-            with deadline(state.settings.request_timeout_s):
-                for i, sentence in enumerate(split_sentences(self.text)):
-                    context = self._context() if i == 0 else None
-                    request = parse_options({**self.fields, "seed": self.seed, "context": context}, state.limits, sentence)
-                    synth = synthesis_request(request, state.settings, state.voices, continuation)
-                    start = audio.samples
-                    async for chunk in stream_audio(state.engine, synth, audio, finish=False):
-                        yield chunk, None
-                    rate = state.engine.sample_rate
-                    spoken = (" " if i else "") + sentence
-                    yield audio.cut(), (spoken, 1000 * start / rate, 1000 * (audio.samples - start) / rate)
-            yield audio.finish(), None
-            outcome = "ok"
-        except CsmServeError as exc:  # headers may be sent: end the stream and say why in the log
-            outcome = "timeout" if isinstance(exc, DeadlineExceeded) else "error"
-            log.warning("text-to-speech request failed: %s", exc.message)
-            raise
-        finally:
-            state.leave()
-            state.metrics.finished("elevenlabs", outcome)
+        for i, sentence in enumerate(split_sentences(self.text)):
+            context = self._context() if i == 0 else None
+            fields = {**self.fields, "seed": self.seed, "context": context, "request_id": request_id.get()}
+            request = parse_options(fields, state.limits, sentence)
+            synth = synthesis_request(request, state.settings, state.voices, continuation)
+            start = audio.samples
+            async with contextlib.aclosing(stream_audio(state.engine, synth, audio, finish=False)) as chunks:
+                async for chunk in chunks:
+                    yield chunk, None
+            rate = state.engine.sample_rate
+            spoken = (" " if i else "") + sentence
+            yield audio.cut(), (spoken, 1000 * start / rate, 1000 * (audio.samples - start) / rate)
+        yield audio.finish(), None
 
 
 async def parse(request: Request, voice_id: str) -> Speech | JSONResponse:
-    """Validate the request and take an admission slot, or the error response."""
+    """The validated request, or the error response (nothing admitted yet)."""
     state = request.app.state.csm
     try:
         output = parse_output_format(request.query_params.get("output_format"))
@@ -124,33 +122,15 @@ async def parse(request: Request, voice_id: str) -> Speech | JSONResponse:
         return detail(404, "voice_not_found", voice_not_found(voice_id))
     if not state.engine.info.ready:
         return detail(503, "service_unavailable", "the model is still loading; retry when /health says healthy", **{"Retry-After": "5"})
-    try:
-        state.enter("elevenlabs")
-    except Overloaded as exc:
-        return detail(429, "too_many_concurrent_requests", exc.message, **{"Retry-After": "1"})
     return Speech(state, fields, text, output, seed, previous or None)
 
 
-async def whole(speech: Speech) -> tuple[bytes, list[tuple[str, float, float]]]:
-    audio, spans = bytearray(), []
-    async for data, span in speech.pieces():
-        audio += data
-        if span is not None:
-            spans.append(span)
-    return bytes(audio), spans
-
-
-async def ended_on_error(pieces: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
-    """``pieces`` until a failure, which ends the stream (the status line is sent; the log says why)."""
-    try:
-        async for piece in pieces:
-            yield piece
-    except CsmServeError:
-        return
-
-
 def failed(exc: CsmServeError) -> JSONResponse:
-    return detail(exc.http_status, exc.code, exc.message)
+    """An admission or engine error in ElevenLabs' shape (its SDK raises its usual exception); a
+    generation failure's internal text stays in the log (``to_dict``)."""
+    headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else {}
+    status = "too_many_concurrent_requests" if isinstance(exc, Overloaded) else exc.code
+    return detail(exc.http_status, status, exc.to_dict()["message"], **headers)
 
 
 async def respond(voice_id: str, request: Request, *, streamed: bool, timestamps: bool) -> Response:
@@ -160,14 +140,45 @@ async def respond(voice_id: str, request: Request, *, streamed: bool, timestamps
         return speech
     if streamed:
         body = timed_lines(speech) if timestamps else audio_bytes(speech)
-        return StreamingResponse(body, media_type="application/x-ndjson" if timestamps else speech.output.media_type)
+        media_type = "application/x-ndjson" if timestamps else speech.output.media_type
+        try:
+            return await guarded_stream(speech.state, ENDPOINT, body, media_type)
+        except CsmServeError as exc:
+            return failed(exc)
+    return await whole_file(request, speech, timestamps)
+
+
+async def whole_file(request: Request, speech: Speech, timestamps: bool) -> Response:
+    """The whole audio (or its JSON with timings), generated under the shared rule: admission (429),
+    deadline, cancelled on disconnect."""
     try:
-        audio, spans = await whole(speech)
-    except CsmServeError as exc:
+        slot = Slot(speech.state, ENDPOINT)
+    except Overloaded as exc:
         return failed(exc)
+    audio, spans = bytearray(), []
+
+    async def collect() -> None:
+        async with contextlib.aclosing(speech.pieces()) as pieces:
+            async for data, span in pieces:
+                audio.extend(data)
+                if span is not None:
+                    spans.append(span)
+
+    try:
+        await until_disconnect(request, slot, collect)
+    except ClientGone:
+        slot.leave("disconnected")
+        return Response(status_code=499)  # nobody reads it; the generation was cancelled
+    except CsmServeError as exc:
+        slot.leave(outcome_of(exc))
+        return failed(exc)
+    except BaseException:
+        slot.leave("error")
+        raise
+    slot.leave("ok")
     if not timestamps:
-        return Response(audio, media_type=speech.output.media_type)
-    return JSONResponse(timed_chunk(audio, spans))
+        return Response(bytes(audio), media_type=speech.output.media_type)
+    return JSONResponse(timed_chunk(bytes(audio), spans))
 
 
 def timed_chunk(audio: bytes, spans: list[tuple[str, float, float]]) -> dict:
@@ -176,16 +187,18 @@ def timed_chunk(audio: bytes, spans: list[tuple[str, float, float]]) -> dict:
 
 
 async def audio_bytes(speech: Speech) -> AsyncIterator[bytes]:
-    async for data, _ in ended_on_error(speech.pieces()):
-        if data:
-            yield data
+    async with contextlib.aclosing(speech.pieces()) as pieces:
+        async for data, _ in pieces:
+            if data:
+                yield data
 
 
-async def timed_lines(speech: Speech) -> AsyncIterator[str]:
+async def timed_lines(speech: Speech) -> AsyncIterator[bytes]:
     """One JSON object a line; each sentence's last chunk carries its characters (times from the start)."""
-    async for data, span in ended_on_error(speech.pieces()):
-        if data or span is not None:
-            yield json.dumps(timed_chunk(data, [span] if span else [])) + "\n"
+    async with contextlib.aclosing(speech.pieces()) as pieces:
+        async for data, span in pieces:
+            if data or span is not None:
+                yield (json.dumps(timed_chunk(data, [span] if span else [])) + "\n").encode()
 
 
 @router.post("/{voice_id}")

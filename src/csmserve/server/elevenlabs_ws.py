@@ -6,10 +6,15 @@ previous sentence as context, the codec state carried: ``SynthesisRequest.contin
 contexts on one socket generate concurrently. Barge-in cancels a runner's current generation,
 which stops the engine before its next frame.
 
-The rules of ``/ws/generate`` apply: Origin and key checks (``admit``; the key may also come as the
-``xi-api-key`` header or the first message's ``xi_api_key``), one admission slot per generating
-sentence (``ServerState.enter``/``leave``; refused: an error and close 1013), the lag-limited send,
-the message size limit and the request deadline. Disconnecting cancels every context.
+The rules of ``/ws/generate`` apply, from the same code (:mod:`csmserve.server.ws`): Origin and key
+checks (``admit``; the key may also come as the ``xi-api-key`` header, the ``authorization`` query
+parameter or the first message's ``xi_api_key``); a socket without one must send it within
+``auth_timeout_s``, and at most ``max_unauthenticated`` wait; one admission slot per generating
+sentence (``ServerState.enter``/``leave``; refused: an error and close 1013); the lag-limited send (a
+client that stops reading is cut and its generation cancelled); the message size limit in bytes; the
+request deadline; ``max_stream_chars`` per context and at most ``max_contexts_per_connection``
+contexts open at once (and never more than ElevenLabs' 5). Disconnecting cancels every context; each
+one that was still speaking counts as ``disconnected``.
 """
 
 from __future__ import annotations
@@ -36,24 +41,27 @@ from csmserve.elevenlabs.messages import (
 from csmserve.elevenlabs.session import Context, ContextSession
 from csmserve.elevenlabs.text import ws_alignment
 from csmserve.engine import Continuation
-from csmserve.errors import CsmServeError, DeadlineExceeded, InvalidRequest, NotReady, Overloaded
+from csmserve.errors import CsmServeError, GenerationFailed, InvalidRequest, NotReady, Overloaded
+from csmserve.logs import clean_id
+from csmserve.logs import request_id as current_request_id
 from csmserve.pipeline import deadline, stream_audio, synthesis_request
 from csmserve.protocol import parse_options
+from csmserve.server.streaming import outcome_of
 from csmserve.server.ws import (
     NORMAL,
     POLICY_VIOLATION,
     TRY_AGAIN_LATER,
+    WAITING_ROOM_FULL,
     CloseConnection,
     Connection,
     admit,
     wait_for_child,
+    wait_for_key,
 )
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-
-#: Sentences one context may have waiting (the text buffer bounds their characters too).
-MAX_QUEUED_SENTENCES = 256
+ENDPOINT = "elevenlabs"
 
 
 def voice_fields(voice_id: str, state) -> dict | None:
@@ -85,8 +93,8 @@ class ContextRunner:
         self.wake = asyncio.Event()
         self.ending = False
         self.stopped = False
-        #: For the requests metric, counted once per context: ok, cancelled, error or timeout.
-        self.outcome = "ok"
+        #: The context's outcome once counted in the requests metric (once per context).
+        self.counted: str | None = None
         self.speaking: asyncio.Task | None = None
         self.task = asyncio.create_task(self.run())
 
@@ -94,12 +102,22 @@ class ContextRunner:
     def context_id(self) -> str | None:
         return self.context.id if self.connection.session.multi else None
 
-    def say(self, sentence: str) -> bool:
-        if len(self.pending) >= MAX_QUEUED_SENTENCES:
-            return False
+    def say(self, sentence: str) -> None:
+        """Queue a sentence (the session bounds a context's text by ``max_stream_chars``)."""
         self.pending.append(sentence)
         self.wake.set()
-        return True
+
+    def busy(self) -> bool:
+        return self.speaking is not None or bool(self.pending)
+
+    def count(self, outcome: str) -> None:
+        """Count the context's outcome in the requests metric, once (the first outcome wins)."""
+        if self.counted is None:
+            self.counted = outcome
+            metrics = self.connection.state.metrics
+            if outcome == "disconnected":
+                metrics.disconnects.inc()
+            metrics.finished(ENDPOINT, outcome)
 
     def finish(self) -> None:
         """Speak what is queued, then end with ``isFinal``."""
@@ -120,6 +138,7 @@ class ContextRunner:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - a slow client or an overload ends the connection
+            self.count("disconnected")  # cut for reading too slowly, or gone (an overload counted already)
             self.connection.fail(exc)
         finally:
             self.connection.runners.discard(self)
@@ -149,19 +168,23 @@ class ContextRunner:
             tail = audio.finish()
             if tail:
                 await conn.send_json(audio_message(tail, self.context_id))
-        conn.state.metrics.finished("elevenlabs", "cancelled" if self.stopped else self.outcome)
+        self.count("cancelled" if self.stopped else "ok")
         await conn.send_json(final_message(self.context_id))
         conn.session.ended(self.context)
 
     async def speak(self, sentence: str, audio: ChunkedAudio, continuation: Continuation, first: bool) -> None:
-        """Generate one sentence and send its audio; the last chunk carries the sentence's alignment."""
+        """Generate one sentence and send its audio; the last chunk carries the sentence's alignment.
+        A failure (the deadline too) is counted, then said to the client with the slot already free."""
         conn, state = self.connection, self.connection.state
+        current_request_id.set(self.context.id)  # the log filter strips its control characters
         try:
-            state.enter("elevenlabs")
+            state.enter(ENDPOINT)
         except Overloaded as exc:
+            self.count("rejected")
             await conn.send_json(error_message("too_many_concurrent_requests", exc.message, TRY_AGAIN_LATER))
             raise CloseConnection(TRY_AGAIN_LATER, "overloaded") from None
         start = audio.samples
+        failure: CsmServeError | None = None
         try:
             if not state.engine.info.ready:
                 raise NotReady("the model is still loading; retry when /health says healthy")
@@ -169,15 +192,23 @@ class ContextRunner:
             request = parse_options(options, state.limits, sentence)
             synth = synthesis_request(request, conn.settings, state.voices, continuation)
             with deadline(conn.settings.request_timeout_s):
-                async for chunk in stream_audio(state.engine, synth, audio, finish=False):
-                    await conn.send_json(audio_message(chunk, self.context_id))
+                async with contextlib.aclosing(stream_audio(state.engine, synth, audio, finish=False)) as chunks:
+                    async for chunk in chunks:  # closed on any exit: the engine stops generating
+                        await conn.send_json(audio_message(chunk, self.context_id))
         except CsmServeError as exc:
-            self.outcome = "timeout" if isinstance(exc, DeadlineExceeded) else "error"
-            log.warning("context %s failed: %s", self.context.id, exc.message)
-            await conn.send_json(error_message(exc.code, exc.message, 1011, self.context_id))
-            return
+            failure = exc
+        except (CloseConnection, WebSocketDisconnect, OSError):
+            raise  # the client is gone or cut: the runner counts it
+        except Exception:  # noqa: BLE001 - one context's failure must not end the connection
+            log.exception("context %s failed", clean_id(self.context.id))
+            failure = GenerationFailed("generation failed")
         finally:
             state.leave()
+        if failure is not None:
+            self.count(outcome_of(failure))
+            log.warning("context %s failed: %s", clean_id(self.context.id), failure.message)
+            await conn.send_json(error_message(failure.code, failure.to_dict()["message"], 1011, self.context_id))
+            return
         duration_ms = 1000 * (audio.samples - start) / state.engine.sample_rate
         spoken = sentence if first else " " + sentence
         await conn.send_json(audio_message(audio.cut(), self.context_id, ws_alignment(spoken, duration_ms)))
@@ -191,7 +222,11 @@ class ElevenLabsConnection(Connection):
         super().__init__(websocket, state, authenticated)
         self.query = query
         self.voice = voice
-        self.session = ContextSession(multi=multi, auto_mode=query.auto_mode, max_text_chars=state.settings.max_text_chars)
+        settings = state.settings
+        self.session = ContextSession(
+            multi=multi, auto_mode=query.auto_mode, max_text_chars=settings.max_text_chars,
+            max_stream_chars=settings.max_stream_chars, max_contexts=settings.max_contexts_per_connection,
+        )
         self.runners: set[ContextRunner] = set()
         self.receiver: asyncio.Task | None = None
         self.failure: BaseException | None = None
@@ -204,11 +239,19 @@ class ElevenLabsConnection(Connection):
             self.receiver.cancel()
 
     def busy(self) -> bool:
-        return any(r.speaking is not None or r.pending for r in self.runners)
+        return any(r.busy() for r in self.runners)
 
     async def receive_message(self) -> dict:
         """The next frame; after ``inactivity_timeout`` s without one while nothing is being spoken,
-        ElevenLabs' input_timeout_exceeded error and close 1008."""
+        ElevenLabs' input_timeout_exceeded error and close 1008. A socket still without its key has
+        ``auth_timeout_s`` for its first frame (as on ``/ws/generate``), not the inactivity timeout."""
+        if not self.authenticated:
+            try:
+                with anyio.fail_after(self.settings.auth_timeout_s):
+                    return await self.ws.receive()
+            except TimeoutError:
+                await self.send_json(error_message("invalid_api_key", "no API key in time: the xi-api-key header or xi_api_key"))
+                raise CloseConnection(POLICY_VIOLATION, "no API key in time") from None
         while True:
             try:
                 with anyio.fail_after(self.query.inactivity_timeout_s):
@@ -228,7 +271,7 @@ class ElevenLabsConnection(Connection):
 
     async def authenticate_first(self, raw) -> None:
         if self.state.keys.valid(key_of(raw)):
-            self.authenticated = True
+            self.key_presented()
             return
         await self.send_json(error_message("invalid_api_key", "an API key is required: the xi-api-key header or xi_api_key"))
         raise CloseConnection(POLICY_VIOLATION, "unauthorized")
@@ -241,9 +284,7 @@ class ElevenLabsConnection(Connection):
             message = await self.receive_message()
             raw = await self.next_frame(message, too_large)
             if message["type"] == "websocket.disconnect":
-                if self.runners:
-                    self.state.metrics.disconnects.inc()
-                return
+                return  # serve() cancels the contexts and counts those still speaking
             if raw is None:
                 continue
             if not self.authenticated:
@@ -262,8 +303,7 @@ class ElevenLabsConnection(Connection):
             context.runner = ContextRunner(self, context)
             self.runners.add(context.runner)
         for context, sentence in actions.speak:
-            if not context.runner.say(sentence):
-                await self.send_json(error_message("too_many_pending", "this context has too much text waiting", context_id=context.id))
+            context.runner.say(sentence)
         for context in actions.finish:
             context.runner.finish()
         for context in actions.cancel:
@@ -303,6 +343,8 @@ async def serve(websocket: WebSocket, voice_id: str, multi: bool) -> None:
     voice = voice_fields(voice_id, state)
     if voice is None:
         return await refuse("voice_not_found", voice_not_found(voice_id), POLICY_VIOLATION)
+    if not authenticated and not wait_for_key(state):
+        return await refuse("overloaded", WAITING_ROOM_FULL, TRY_AGAIN_LATER)
     connection = ElevenLabsConnection(websocket, state, authenticated, query, voice, multi)
     receiver = connection.receiver = asyncio.create_task(connection.receive_loop())
     close = None
@@ -316,7 +358,12 @@ async def serve(websocket: WebSocket, voice_id: str, multi: bool) -> None:
         elif exc is not None and not isinstance(exc, WebSocketDisconnect):
             log.warning("connection ended: %r", exc)
     finally:
-        tasks = [receiver, *(r.task for r in connection.runners)]
+        connection.release()
+        runners = list(connection.runners)
+        for runner in runners:  # still speaking when the socket ended: the client went away or was cut
+            if runner.busy():
+                runner.count("disconnected")
+        tasks = [receiver, *(r.task for r in runners)]
         for task in tasks:
             task.cancel()
         for task in tasks:

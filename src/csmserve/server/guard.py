@@ -21,6 +21,8 @@ from csmserve.logs import clean_id, request_id
 from csmserve.server.auth import is_public, presented_key
 
 JSON_ROUTES = ("/generate", "/v1/audio/speech")
+#: ElevenLabs' text-to-speech POSTs (``/v1/text-to-speech/{voice_id}`` and its variants) take JSON too.
+JSON_PREFIXES = ("/v1/text-to-speech/",)
 UPLOAD_ROUTES = ("/v1/voices",)
 #: Room for the multipart framing and form fields around an upload.
 UPLOAD_OVERHEAD = 64 * 1024
@@ -96,7 +98,7 @@ class Guard:
             if cross_site(headers.get("origin"), headers.get("host"), settings.allowed_origins):
                 return 403, "forbidden_origin", "requests from this Origin are not allowed (CSM_ALLOWED_ORIGINS)", None
             content_type = headers.get("content-type")
-            if path in JSON_ROUTES and content_type is not None and not _is_json(content_type):
+            if (path in JSON_ROUTES or path.startswith(JSON_PREFIXES)) and content_type is not None and not _is_json(content_type):
                 return 415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json", None
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.body_limit(path)):

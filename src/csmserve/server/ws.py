@@ -97,6 +97,18 @@ class Connection:
         except TimeoutError:
             raise close from None
 
+    def key_presented(self) -> None:
+        """The connection showed a valid key after accept: it leaves the ones waiting for it."""
+        if not self.authenticated:
+            self.authenticated = True
+            self.state.unauthenticated -= 1
+
+    def release(self) -> None:
+        """The connection ended: if it was still waiting for its key, its place is free."""
+        if not self.authenticated:
+            self.authenticated = True
+            self.state.unauthenticated -= 1
+
     def count_disconnect(self) -> None:
         """Count the current request as ``disconnected`` (once), when its client went away or was cut."""
         job = self.session.current
@@ -115,8 +127,7 @@ class Connection:
             data = json.loads(raw)
         token = data.get("token") if isinstance(data, dict) else None
         if self.state.keys.valid(token if isinstance(token, str) else None):
-            self.authenticated = True
-            self.state.unauthenticated -= 1
+            self.key_presented()
             return set(data) <= {"token", "type"} and data.get("type") in (None, "auth")
         await self.send_json(
             error_event("unauthorized", "an API key is required: Authorization: Bearer, X-API-Key, ?token= or a token field")
@@ -291,18 +302,27 @@ async def ws_generate(websocket: WebSocket) -> None:
         await websocket.send_text(json.dumps(error_event("overloaded", "the server is shutting down")))
         await websocket.close(TRY_AGAIN_LATER, "draining")
         return
-    if not authenticated:
-        if state.unauthenticated >= state.settings.max_unauthenticated:
-            await websocket.send_text(json.dumps(error_event("overloaded", "too many connections are waiting to authenticate")))
-            await websocket.close(TRY_AGAIN_LATER, "too many unauthenticated connections")
-            return
-        state.unauthenticated += 1
+    if not authenticated and not wait_for_key(state):
+        await websocket.send_text(json.dumps(error_event("overloaded", WAITING_ROOM_FULL)))
+        await websocket.close(TRY_AGAIN_LATER, "too many unauthenticated connections")
+        return
     connection = Connection(websocket, state, authenticated)
     try:
         await serve(connection)
     finally:
-        if not connection.authenticated:
-            state.unauthenticated -= 1
+        connection.release()
+
+
+WAITING_ROOM_FULL = "too many connections are waiting to authenticate"
+
+
+def wait_for_key(state) -> bool:
+    """Count an accepted connection without a key among those waiting for it; False (refuse it with
+    1013) when ``max_unauthenticated`` already wait. The :class:`Connection` gives the place back."""
+    if state.unauthenticated >= state.settings.max_unauthenticated:
+        return False
+    state.unauthenticated += 1
+    return True
 
 
 async def serve(connection: Connection) -> None:
