@@ -27,7 +27,7 @@ from csmserve.elevenlabs.formats import ChunkedAudio, OutputFormat, parse_output
 from csmserve.elevenlabs.messages import parse_seed
 from csmserve.elevenlabs.text import http_alignment
 from csmserve.engine import Continuation
-from csmserve.errors import CsmServeError, InvalidRequest, Overloaded
+from csmserve.errors import CsmServeError, InvalidRequest, NotReady, Overloaded
 from csmserve.logs import request_id
 from csmserve.pipeline import stream_audio, synthesis_request
 from csmserve.protocol import parse_json_object, parse_options
@@ -121,7 +121,7 @@ async def parse(request: Request, voice_id: str) -> Speech | JSONResponse:
     if fields is None:
         return detail(404, "voice_not_found", voice_not_found(voice_id))
     if not state.engine.info.ready:
-        return detail(503, "service_unavailable", "the model is still loading; retry when /health says healthy", **{"Retry-After": "5"})
+        return detail(503, "service_unavailable", NotReady.LOADING, **{"Retry-After": "5"})
     return Speech(state, fields, text, output, seed, previous or None)
 
 

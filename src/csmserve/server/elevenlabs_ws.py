@@ -187,7 +187,7 @@ class ContextRunner:
         failure: CsmServeError | None = None
         try:
             if not state.engine.info.ready:
-                raise NotReady("the model is still loading; retry when /health says healthy")
+                raise NotReady()
             options = {**conn.voice, "seed": conn.query.seed, "request_id": self.context.id}
             request = parse_options(options, state.limits, sentence)
             synth = synthesis_request(request, conn.settings, state.voices, continuation)
