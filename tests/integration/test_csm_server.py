@@ -99,3 +99,32 @@ async def test_simultaneous_clients_each_hear_their_own_solo_audio_and_a_cancel_
         assert len(a) == len(b) > 0
         # Codes are equal; the codec's batched convolutions may round a sample to the neighbouring int16.
         assert np.abs(a - b).max() <= 1
+
+
+async def test_a_long_prompt_joining_over_the_websocket_never_stops_a_talking_client(tiny_model_dir, tmp_path):
+    """Through the real server: while a caller with a long text is prefilled chunk by chunk, the caller
+    already talking gets a frame in every one of those steps (steps counted, not timed)."""
+    from csmserve.config import Settings
+    from support.recording import Recording
+    from support.servers import running_server
+
+    settings = Settings(
+        model=str(tiny_model_dir), device="cpu", dtype="float32", host="127.0.0.1", port=0, prefill_chunk=8,
+        audio_dir=tmp_path / "audio", voices_dir=tmp_path / "voices", torch_threads=1,
+    )
+    with running_server(settings) as server:
+        server.wait_ready()
+        recording = Recording(server.engine._worker.model)
+        server.engine._worker.model = recording
+        async with CsmClient(server.ws) as talking, CsmClient(server.ws) as joining:
+            await talking.send({"text": "I am already talking.", "max_audio_ms": 4000, "request_id": "talking", "chunk_ms": 80})
+            talked = talking.receive()
+            await talked.__anext__()  # audio is flowing
+            long_text = "This caller's prompt is long: " + "many more words, " * 12
+            result = await joining.synthesize(long_text, max_audio_ms=400, request_id="joining", chunk_ms=80)
+            async for _ in talked:
+                pass
+    assert len(result.pcm) == 2 * 1920 * 5
+    prefill_steps = [rows for prefilled, rows in recording.steps if prefilled == "joining"]
+    assert len(prefill_steps) >= 5
+    assert all("talking" in rows for rows in prefill_steps)

@@ -4,8 +4,6 @@ what it would have got alone (offline checkpoint, float32)."""
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
-
 import numpy as np
 import pytest
 import torch
@@ -14,6 +12,7 @@ from csmserve.config import Settings
 from csmserve.engine import Continuation, SynthesisRequest
 from csmserve.engine.csm import CsmEngine
 from csmserve.engine.loading import load_csm
+from support.recording import Recording
 
 TEXTS = [
     "Hi.",
@@ -21,40 +20,6 @@ TEXTS = [
     "Medium length text here.",
     "The last one joins late and runs until its budget ends, which is short.",
 ]
-
-
-class Recording:
-    """The engine's step model, recording what each step did: a wrapper, not a mock (it delegates)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.codes: dict[str, list[list[int]]] = defaultdict(list)
-        self.steps: list[tuple[str | None, list[str]]] = []  # (prefilled request, decoded requests)
-        self._prefilled: str | None = None
-
-    def next_piece(self, stream):
-        return self.inner.next_piece(stream)
-
-    def enter(self, stream, slot):
-        self.inner.enter(stream, slot)
-
-    def leave(self, stream, slot):
-        self.inner.leave(stream, slot)
-
-    def prefill(self, row, start, length):
-        if self._prefilled is not None:  # the previous step prefilled and decoded nothing
-            self.steps.append((self._prefilled, []))
-        self._prefilled = row.stream.request.request_id
-        self.inner.prefill(row, start, length)
-
-    def decode(self, rows):
-        frames = self.inner.decode(rows)
-        self.steps.append((self._prefilled, [row.stream.request.request_id for row in rows]))
-        self._prefilled = None
-        for row, frame in zip(rows, frames):
-            if frame is not None:
-                self.codes[row.stream.request.request_id].append(frame.codes)
-        return frames
 
 
 @pytest.fixture(scope="module")
