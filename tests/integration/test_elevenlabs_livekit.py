@@ -105,6 +105,26 @@ async def test_livekit_second_turn_closed_mid_way_stops_generation(settings_fact
     assert counter(metrics, "csm_requests_total", endpoint="elevenlabs", outcome="cancelled") == 1
 
 
+async def test_livekit_auto_mode_stream_closed_mid_way_finishes_only_what_it_flushed(settings_factory):
+    """Auto mode flushes each sentence, so closing its stream mid-turn is ElevenLabs' close after flush: the
+    sentences already sent are spoken whole (the context ends ok), the one not yet sent is not."""
+    engine = FakeEngine(frame_delay_s=0.01)
+    with running_server(settings_factory(engine="fake"), engine) as server:
+        async with aiohttp.ClientSession() as session:
+            tts = livekit_tts(server, session)
+            stream = tts.stream()
+            for sentence in SECOND_TURN:
+                stream.push_text(sentence + " ")
+            audio = await asyncio.wait_for(anext(aiter(stream)), 10)
+            await stream.aclose()
+            await metric_reaches(server, endpoint="elevenlabs", outcome="ok")
+            await tts.aclose()
+    made = engine.frames_made[audio.request_id]
+    frames = [engine.num_frames(SynthesisRequest(s, max_audio_ms=90_000)) for s in SECOND_TURN]
+    # Whole sentences only, and never the last: the plugin's tokenizer holds it until more text or the end.
+    assert made in [sum(frames[:k]) for k in range(1, len(frames))]
+
+
 async def test_livekit_synthesize_returns_the_whole_utterance(fake_server):
     """tts.synthesize(text) over the HTTP stream route: 24 kHz mono frames whose PCM is the route's audio."""
     async with aiohttp.ClientSession() as session:
