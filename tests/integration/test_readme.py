@@ -104,12 +104,26 @@ def test_readme_pipecat_example_speaks_through_csmserve(fake_server):
     assert any(isinstance(f, TTSStoppedFrame) for f in frames)
 
 
-def test_readme_livekit_example_names_what_csmserve_serves():
-    """LiveKit is not installed here: its snippet's base URL, voice and encoding are ones the server accepts
-    (the plugin's messages are replayed in test_elevenlabs_ws)."""
-    block = next(b for b in python_blocks() if "livekit.plugins" in b)
-    assert 'base_url="http://127.0.0.1:8000/v1"' in block
-    from csmserve.elevenlabs.formats import OUTPUT_FORMATS
+def test_readme_livekit_example_speaks_through_csmserve(fake_server):
+    """The LiveKit snippet's TTS, in an http context as a LiveKit job gives it, streams a turn through
+    csmserve's URL: 24 kHz PCM equal to /ws/generate's for the text."""
+    import asyncio
 
-    encoding = re.search(r'encoding="([^"]+)"', block).group(1)
-    assert encoding in OUTPUT_FORMATS and 'voice_id="0"' in block
+    from livekit.agents.utils import http_context
+    from test_elevenlabs_livekit import pcm_of, speak_words
+    from test_elevenlabs_ws import ws_generate_audio
+
+    block = next(b for b in python_blocks() if "livekit.plugins" in b)
+    text = "Hello from the README."
+
+    async def speak() -> list:
+        async with http_context.open():  # what a LiveKit job provides: the plugin's aiohttp session
+            namespace: dict = {}
+            exec(block.replace("http://127.0.0.1:8000", fake_server.http), namespace)
+            events = await speak_words(namespace["tts"], text)
+            await namespace["tts"].aclose()
+        return events
+
+    events = asyncio.run(speak())
+    assert {(e.frame.sample_rate, e.frame.num_channels) for e in events} == {(24000, 1)}
+    assert pcm_of(events) == asyncio.run(ws_generate_audio(fake_server, text, seed=0))
