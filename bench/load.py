@@ -55,6 +55,9 @@ from websockets.asyncio.client import connect
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support.routes import STREAMING_ROUTES  # noqa: E402 - the routes every hostile-client case covers
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sections import replace_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_CLIENTS, MAX_REQUESTS = 1000, 100
 #: Long enough (213 characters) that --max-audio-ms, not the text, bounds the fake engine's audio.
@@ -391,14 +394,7 @@ def report(stats: dict, args, target: str) -> list[str]:
 def write_section(path: Path, lines: list[str]) -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     block = "\n".join([START, f"## Load (`make load`), {date}", "", *lines, END])
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    print(f"wrote {path}")
+    replace_section(path, START, END, block)
 
 
 # -- main -----------------------------------------------------------------------------------------

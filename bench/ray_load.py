@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import (  # noqa: E402
     DEFAULT_TEXT, ROOT, bounded, commit, drive, free_port, machine, percentile, summary, wait_healthy,
 )
+from sections import replace_section  # noqa: E402
 
 START, END = "<!-- ray-load:start -->", "<!-- ray-load:end -->"
 
@@ -160,13 +161,7 @@ def report(single: dict, ray: dict, args) -> list[str]:
 def write_section(path: Path, lines: list[str]) -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     block = "\n".join([START, f"## Ray Serve vs the single server (`make load-ray`), {date}", "", *lines, END])
-    text = path.read_text()
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-    print(f"wrote {path}")
+    replace_section(path, START, END, block)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from sections import replace_section  # noqa: E402
+
 from csmserve.engine.frames import FrameGenerator  # noqa: E402
 from csmserve.engine.loading import (  # noqa: E402
     codec_to_float32_on_cpu,
@@ -413,14 +415,7 @@ def main() -> None:
 
 def write_section(path: Path, kind: str, block: str) -> None:
     """Replace the ``<!-- bench:KIND:start -->`` ... ``end`` block of a markdown file (or append it)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = f"<!-- bench:{kind}:start -->", f"<!-- bench:{kind}:end -->"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-    print(f"wrote {path}")
+    replace_section(path, f"<!-- bench:{kind}:start -->", f"<!-- bench:{kind}:end -->", block)
 
 if __name__ == "__main__":
     main()
