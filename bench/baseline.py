@@ -57,4 +57,4 @@ class GenerateThenChunkEngine(CsmEngine):
 
     def _attach(self, loaded, started: float) -> None:
         super()._attach(loaded, started)
-        self._worker.model = GenerateThenChunk(loaded)
+        self._worker.attach(GenerateThenChunk(loaded), self._worker.scheduler.max_batch)

@@ -285,7 +285,6 @@ class CsmEngine:
         self._attach(loaded, started)
 
     def _attach(self, loaded, started: float) -> None:
-        from csmserve.engine.scheduler import Scheduler
         from csmserve.engine.tiny import is_offline_model
 
         self._loaded = loaded
@@ -295,8 +294,7 @@ class CsmEngine:
         use_compile = self.settings.compile == "on" or (self.settings.compile == "auto" and loaded.device == "cuda")
         max_batch = self.settings.resolved_max_batch(loaded.device)
         self._steps = CsmSteps(loaded, self.settings, max_batch, use_compile)
-        self._worker.model = self._steps
-        self._worker.scheduler = Scheduler(max_batch, self.settings.prefill_chunk, self.settings.prefix_cache)
+        self._worker.attach(self._steps, max_batch)
         self.info.extra["compiled"] = use_compile
         self.info.extra["max_batch"] = max_batch
         self.frame_size = self._steps.frame_size

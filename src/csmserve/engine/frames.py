@@ -18,7 +18,7 @@ from collections.abc import Hashable, Iterator, Sequence
 import torch
 
 from csmserve.engine.runner import GREEDY, BatchRunner, RowSampling, Sampling
-from csmserve.engine.scheduler import common_prefix, frame_key, is_end_of_audio, text_key
+from csmserve.engine.scheduler import Piece, Row, Scheduler, frame_key, is_end_of_audio, text_key
 
 __all__ = ["GREEDY", "FrameGenerator", "Sampling", "frame_key", "text_key"]
 
@@ -26,8 +26,9 @@ __all__ = ["GREEDY", "FrameGenerator", "Sampling", "frame_key", "text_key"]
 class FrameGenerator:
     """Generates audio frames for one request at a time over a loaded ``CsmForConditionalGeneration``.
 
-    A one-slot :class:`BatchRunner` (caches allocated once) plus the identities of what its backbone
-    cache holds, for prefix reuse. Not thread-safe: one owner.
+    A one-slot :class:`BatchRunner` (caches allocated once) and a one-slot
+    :class:`~csmserve.engine.scheduler.Scheduler` that remembers what the cache holds, for prefix reuse
+    (the same bookkeeping the batching worker uses). Not thread-safe: one owner.
     """
 
     def __init__(self, model, compile: bool = False):
@@ -37,10 +38,13 @@ class FrameGenerator:
         self.num_codebooks, self.eos_id = runner.num_codebooks, runner.eos_id
         self.max_positions, self.compiled = runner.max_positions, compile
         self.embed_text, self.embed_frames = runner.embed_text, runner.embed_frames
-        # What the backbone cache holds: one identity per position, from position 0 (see `frames`).
-        self._cached: list[Hashable] = []
+        self._slot = Scheduler(max_batch=1, chunk=self.max_positions)
         self.reused_positions = 0  # of the last prompt, taken from the cache instead of recomputed
-        self.prefill_positions = {"computed": 0, "reused": 0}  # running totals, for metrics
+
+    @property
+    def prefill_positions(self) -> dict[str, int]:
+        """Prompt positions ``computed`` and ``reused`` so far (running totals, for metrics)."""
+        return self._slot.prefill_positions
 
     @torch.inference_mode()
     def frames(
@@ -71,24 +75,21 @@ class FrameGenerator:
             raise ValueError(f"prompt_key has {len(prompt_key)} identities for {length} positions")
         max_frames = min(max_frames, self.max_positions - length)
         sampling = RowSampling.create(self.runner, temperature=temperature, top_k=top_k, seed=seed, greedy=greedy)
-        # The last position is always computed: its hidden state predicts the first frame.
-        reuse = 0 if prompt_key is None else min(common_prefix(self._cached, prompt_key), length - 1)
-        del self._cached[reuse:]  # positions from `reuse` on are about to be overwritten
-        self.reused_positions = reuse
-        self.prefill_positions["reused"] += reuse
-        self.prefill_positions["computed"] += length - reuse
-        self.runner.prefill(0, prompt_embeds[:, reuse:], reuse)
-        if prompt_key is not None:
-            self._cached.extend(prompt_key[reuse:])
-        position = length
-        for _ in range(max_frames):
-            codes = self.runner.frame([0], [sampling])[0]
-            if is_end_of_audio(codes.tolist(), self.eos_id):
-                return
-            yield codes
-            if position >= self.max_positions:
-                return
-            self.runner.advance([0], [position], codes[None])
-            if len(self._cached) == position:  # the cache holds an unbroken prefix: extend it
-                self._cached.append(frame_key(codes.tolist()))
-            position += 1
+        row = Row(stream=None)
+        # Positions the cache already holds are not computed again (the last one always is).
+        reuse = self.reused_positions = self._slot.place(row, Piece(length, max_frames, prompt_key))
+        try:
+            self.runner.prefill(0, prompt_embeds[:, reuse:], reuse)
+            self._slot.prefilled(row, reuse, length - reuse)
+            for _ in range(max_frames):
+                codes = self.runner.frame([0], [sampling])[0]
+                if is_end_of_audio(codes.tolist(), self.eos_id):
+                    return
+                yield codes
+                position = length + row.frames
+                if position >= self.max_positions:
+                    return
+                self.runner.advance([0], [position], codes[None])
+                self._slot.decoded(row, codes.tolist())  # its position now holds this frame
+        finally:
+            self._slot.release(row)

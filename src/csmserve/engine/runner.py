@@ -170,21 +170,20 @@ class BatchRunner:
     def advance(self, slots: list[int], positions: list[int], codes: torch.Tensor) -> None:
         """Feed each row's frame ``codes[b]`` to the backbone at ``positions[b]`` of slot ``slots[b]``; the
         result becomes the slot's hidden state."""
-        embeds = self.audio_embed(codes.to(self.device) + self.audio_offsets).sum(dim=1)[:, None]  # (B, 1, H)
+        embeds = self.embed_frames(codes)[0][:, None]  # one frame per row: (B, 1, H)
+        index = torch.tensor(slots, device=self.device)
+        where = torch.tensor(positions, device=self.device)
         if self.compiled:
             size = bucket(max(slots) + 1)
             full = torch.zeros(size, 1, self.hidden_size, device=self.device, dtype=embeds.dtype)
-            where = torch.full((size,), self.backbone.scratch, dtype=torch.long, device=self.device)
-            index = torch.tensor(slots, device=self.device)
+            padded = torch.full((size,), self.backbone.scratch, dtype=torch.long, device=self.device)
             full[index] = embeds
-            where[index] = torch.tensor(positions, device=self.device)
-            self.hidden[index] = self._backbone_step(full, where)[index, 0]
+            padded[index] = where
+            self.hidden[index] = self._backbone_step(full, padded)[index, 0]
             return
         lo, hi = min(slots), max(slots) + 1
-        rows = slice(lo, hi) if slots == list(range(lo, hi)) else torch.tensor(slots, device=self.device)
-        where = torch.tensor(positions, device=self.device)
-        out = self._backbone_step(embeds, rows, where, max(positions) + 1)
-        self.hidden[torch.tensor(slots, device=self.device)] = out[:, 0]
+        rows = slice(lo, hi) if slots == list(range(lo, hi)) else index  # a slice reads the cache without a copy
+        self.hidden[index] = self._backbone_step(embeds, rows, where, max(positions) + 1)[:, 0]
 
     def _backbone_step_eager(self, embeds, rows, positions, span):
         return self.backbone.decode(embeds, rows, positions, span)

@@ -128,6 +128,12 @@ class ModelWorker:
         self.last_step_ms = 0.0
         self.last_batch = 0
 
+    def attach(self, model: StepModel, max_batch: int) -> None:
+        """Serve ``model`` with ``max_batch`` rows (once the model is loaded and its device known); on
+        the worker thread, before any stream is admitted."""
+        self.model = model
+        self.scheduler = Scheduler(max_batch, self.scheduler.chunk, self.scheduler.reuse)
+
     def start(self) -> None:
         if not self._started:
             self._started = True
