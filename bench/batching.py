@@ -46,23 +46,21 @@ def cpu_capability() -> str:
 
 
 def step_table(model, dtype: str, device: str, frames: int) -> list[dict]:
-    """Median step time (one frame for every row: backbone, 31 depth steps, sampling, feeding it back)."""
+    """Median step time (one frame for every row: backbone, 31 depth steps, sampling, feeding it back, the
+    codec's decode of the frame) at each batch size, on the runner the server uses (eager on a CPU)."""
     runner = BatchRunner(model, slots=max(SIZES))
-    embeds = runner.embed_text(PROMPT)
+    embeds = runner.embed_text(PROMPT)[0]
     for slot in range(max(SIZES)):
-        runner.prefill(slot, embeds, 0)
+        runner.start(slot, RowSampling.create(runner.defaults, seed=slot))
+    runner.prefill([(slot, 0, embeds) for slot in range(max(SIZES))])
     floor = 1000 * weight_bytes_per_frame(model) / matvec_bandwidth(runner.dtype, device)
     rows = []
     for size in SIZES:
-        slots = list(range(size))
-        sampling = [RowSampling.create(runner, seed=slot) for slot in slots]
         times = []
         for step in range(frames + 1):  # the first step warms up this batch size
             sync(device)
             started = time.perf_counter()
-            codes = runner.frame(slots, sampling)
-            runner.advance(slots, [PROMPT.shape[1] + step] * size, codes)
-            sync(device)
+            runner.decode([(slot, PROMPT.shape[1] + step, step) for slot in range(size)])
             if step:
                 times.append(time.perf_counter() - started)
         ms = 1000 * statistics.median(times)

@@ -123,15 +123,14 @@ def run_rows(runner, prompts, frames: int) -> torch.Tensor:
     """Greedy codes ``(rows, frames, 32)`` of ``prompts`` (token id tensors) stepped together on ``runner``."""
     from csmserve.engine.runner import RowSampling
 
-    slots = list(range(len(prompts)))
+    greedy = RowSampling.create(runner.defaults, greedy=True)
     for slot, ids in enumerate(prompts):
-        runner.prefill(slot, runner.embed_text(ids), 0)
-    greedy = [RowSampling.create(runner, greedy=True)] * len(prompts)
+        runner.start(slot, greedy)
+    runner.prefill([(slot, 0, runner.embed_text(ids)[0]) for slot, ids in enumerate(prompts)])
     out = []
     for step in range(frames):
-        codes = runner.frame(slots, greedy)
-        out.append(codes)
-        runner.advance(slots, [ids.shape[1] + step for ids in prompts], codes)
+        result = runner.decode([(slot, ids.shape[1] + step, step) for slot, ids in enumerate(prompts)])
+        out.append(torch.from_numpy(result.codes[: len(prompts)].copy()))
     return torch.stack(out, dim=1)
 
 

@@ -58,11 +58,12 @@ class ServerState:
     def enter(self, endpoint: str) -> None:
         """Admit one streaming request, or count it as rejected and raise :class:`Overloaded`
         (WebSocket 1013, HTTP 429)."""
-        if self.draining or self.active >= self.settings.max_streams:
+        limit = self.settings.resolved_max_streams(self.engine.capacity().max_batch)
+        if self.draining or self.active >= limit:
             self.metrics.finished(endpoint, "rejected")
             if self.draining:
                 raise Overloaded("the server is shutting down; reconnect to another instance")
-            raise Overloaded(f"{self.settings.max_streams} requests are streaming already; retry shortly")
+            raise Overloaded(f"{limit} requests are streaming already; retry shortly")
         self.active += 1
         self.metrics.active_streams.set(self.active)
 
