@@ -5,10 +5,10 @@ A frame step runs over the first ``S`` slots (``S``: the bucket holding the high
 scheduler keeps busy rows packed at the bottom) and reads only buffers allocated here, once:
 
 1. one host-to-device copy of each slot's ``(position, active, frame)`` from a pinned buffer;
-2. the step itself (a graph replay on a GPU): Gumbel noise for all 32 codebooks from each row's seed and
-   frame counter (:mod:`~csmserve.engine.sampling`), codebook 0 from each row's last backbone hidden
-   state, the depth decoder's 31 codebook steps (unrolled), the end-of-audio flag, the backbone reading
-   the new frame at each row's position, and the streaming Mimi decode of the frame. Rows that are not
+2. the step itself (a graph replay on a GPU): codebook 0 from each row's last backbone hidden state, the
+   depth decoder's 31 codebook steps (unrolled), each sampled from the slot's settings with noise keyed
+   by its seed and frame counter (:mod:`~csmserve.engine.sampling`), the end-of-audio flag, the backbone
+   reading the new frame at each row's position, and the streaming Mimi decode of the frame. Rows that are not
    decoding (no credit, still prefilling, an empty slot) and rows that reached end-of-audio are masked:
    their keys/values go to the scratch position and their hidden and codec state stay as they were;
 3. one device-to-host copy of codes, end-of-audio flags and audio (packed in one float32 buffer: code
@@ -16,9 +16,11 @@ scheduler keeps busy rows packed at the bottom) and reads only buffers allocated
 
 Nothing in a step syncs with the host, allocates from host data or depends on how many rows are real,
 so a step is the same sequence of operations at 1 row and at 256, and a row's codes never depend on
-its neighbours (float32: exactly; the tests compare with solo runs). The graphs are captured before the
-engine says it is ready (:meth:`BatchRunner.prepare`); on a CPU the same step runs eagerly (or through
-``torch.compile`` without graphs).
+its neighbours (float32: exactly; the tests compare with solo runs). Each bucket has two variants: 64
+sampling candidates per codebook when every decoding row's top-k fits (the default top-k is 50), and
+every id otherwise; the host picks one per step. The graphs are captured before the engine says it is
+ready (:meth:`BatchRunner.prepare`); on a CPU the same step runs eagerly (or through ``torch.compile``
+without graphs).
 """
 
 from __future__ import annotations
@@ -35,15 +37,7 @@ import torch.nn.functional as F
 
 from csmserve.engine.kv_stack import KVCachedStack
 from csmserve.engine.mimi_stream import BatchedMimiDecoder
-from csmserve.engine.sampling import (
-    GREEDY,
-    RowSampling,
-    Sampling,
-    SamplingTable,
-    gumbel_noise,
-    pick,
-    token_steps,
-)
+from csmserve.engine.sampling import GREEDY, RowSampling, Sampling, SamplingTable, candidates, pick, row_keys
 from csmserve.engine.scheduler import BUCKETS, bucket, buckets_for
 
 log = logging.getLogger(__name__)
@@ -52,6 +46,9 @@ __all__ = ["BUCKETS", "GREEDY", "BatchRunner", "BucketReport", "RowSampling", "S
 
 #: Eager runs of a bucket before its capture (cuDNN and cuBLAS pick their algorithms on first use).
 _WARMUPS = 3
+#: Sampling candidates of a step when every decoding row's top-k fits (CSM's default top-k is 50): a
+#: step variant that sorts 64 ids instead of all 2048 per codebook. Rows without top-k use the full one.
+SMALL_TOP_K = 64
 
 
 @dataclass
@@ -125,7 +122,10 @@ class BatchRunner:
         #: Each slot's last backbone hidden state ``(slots, hidden)``: it predicts the slot's next frame.
         self.hidden = torch.zeros(slots, self.hidden_size, device=self.device, dtype=self.dtype)
         self.sampling = SamplingTable(slots, self.valid_ids, self.device)
-        self.token_steps = token_steps(self.valid_ids, self.device)
+        #: Each slot's (backbone, depth) top-k on the host: it picks the step's candidate count.
+        self._top_k = [(1, 1)] * slots
+        #: The step variants: candidate counts (a small one, and every id).
+        self.candidate_counts = sorted({min(SMALL_TOP_K, self.valid_ids), self.valid_ids})
         #: Per slot: the backbone position the new frame is read at, 1 if decoding this step, the frame counter.
         self.inputs = torch.zeros(slots, 3, dtype=torch.long, device=self.device)
         self.inputs_host = torch.zeros(slots, 3, dtype=torch.long, pin_memory=cuda)
@@ -144,13 +144,13 @@ class BatchRunner:
         if compile:
             import torch._dynamo.config as dynamo_config
 
-            # One specialisation per bucket (the bucket is a Python int): allow them all.
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(BUCKETS))
+            # One specialisation per bucket and candidate count (Python ints): allow them all.
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(BUCKETS))
             self._body = torch.compile(self._step_body, fullgraph=True, dynamic=False, backend=backend)
-        self._captured: dict[int, torch.cuda.CUDAGraph] = {}
+        self._captured: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._prepared = False
         self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
-        #: Per bucket, the step time measured by :meth:`prepare` (milliseconds).
+        #: Per bucket, the step time measured by :meth:`prepare` (milliseconds; the small-candidate variant).
         self.step_ms: dict[int, float] = {}
 
     # -- embeddings ---------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ class BatchRunner:
     def buffers(self) -> dict[str, torch.Tensor]:
         """Every buffer a step reads or writes, by name (allocated once; tests check their addresses)."""
         named = {
-            "hidden": self.hidden, "token_steps": self.token_steps, "inputs": self.inputs, "outputs": self.outputs,
+            "hidden": self.hidden, "inputs": self.inputs, "outputs": self.outputs,
             "inputs_host": self.inputs_host, "outputs_host": self.outputs_host,
         }
         named |= {f"sampling.{name}": t for name, t in self.sampling.buffers().items()}
@@ -179,6 +179,7 @@ class BatchRunner:
     def start(self, slot: int, sampling: RowSampling, *, reset_codec: bool = True) -> None:
         """A piece starts on ``slot``: its sampling settings, and (a new utterance) a fresh codec state."""
         self.sampling.write(slot, sampling)
+        self._top_k[slot] = (self.sampling.top_k_of(sampling.backbone), self.sampling.top_k_of(sampling.depth))
         if reset_codec:
             self.decoder.reset([slot])
 
@@ -194,6 +195,7 @@ class BatchRunner:
             self.backbone.copy(src, dst, positions)
             self.hidden[dst] = self.hidden[src]
             self.sampling.copy(src, dst)
+        self._top_k[dst] = self._top_k[src]
         self.decoder.copy(src, dst)
 
     # -- prefill ----------------------------------------------------------------------------------------
@@ -222,22 +224,23 @@ class BatchRunner:
         inputs[:] = (self.backbone.scratch, 0, 0)
         for slot, position, frame in rows:
             inputs[slot] = (position, 1, frame)
-        return self._run(size)
+        top_k = candidates([self._top_k[slot] for slot, _, _ in rows], self.candidate_counts[0], self.valid_ids)
+        return self._run(size, top_k)
 
     @torch.inference_mode()
-    def _run(self, size: int) -> StepOutput:
+    def _run(self, size: int, top_k: int) -> StepOutput:
         events = self._events
         if events is not None:
             events[0].record()
         self.inputs[:size].copy_(self.inputs_host[:size], non_blocking=True)
-        graph = self._captured.get(size)
+        graph = self._captured.get((size, top_k))
         if graph is not None:
             graph.replay()
         elif self.compiled and self._prepared:
             with torch.compiler.set_stance("fail_on_recompile"):  # a new shape is a bug, never a silent stall
-                self._body(size)
+                self._body(size, top_k)
         else:
-            self._body(size)
+            self._body(size, top_k)
         return self._readback(size)
 
     def _readback(self, size: int) -> StepOutput:
@@ -253,20 +256,21 @@ class BatchRunner:
         k = self.num_codebooks
         return StepOutput(out[:, :k].astype(np.int64), out[:, k] > 0.5, out[:, k + 1 :], device_ms)
 
-    def _step_body(self, size: int) -> None:
-        """The frame step over slots ``0 .. size-1``, from and into the static buffers only (captured)."""
+    def _step_body(self, size: int, top_k: int) -> None:
+        """The frame step over slots ``0 .. size-1``, from and into the static buffers only (captured);
+        ``top_k``: the sampling candidates per codebook (a constant of the variant)."""
         k = self.num_codebooks
         inputs = self.inputs[:size]
         positions, active, frame = inputs[:, 0], inputs[:, 1], inputs[:, 2]
         hidden = self.hidden[:size]
         table = self.sampling
-        noise = gumbel_noise(table.seed[:size], frame, k, self.token_steps)  # (size, k, valid)
-        c0 = pick(self.model.lm_head(hidden), table, size, 0, noise[:, 0])
+        keys = row_keys(table.seed[:size], frame, k)  # (size, k): each row's noise key per codebook
+        c0 = pick(self.model.lm_head(hidden), table, size, 0, keys[:, :1], top_k)
         codes = [c0]
         first = torch.cat([hidden[:, None], self.depth_embed(c0)[:, None]], dim=1)
         out = self.depth.forward(self.depth_projector(first), 0)[:, -1]
         for p in range(1, k):
-            ids = pick(F.linear(out, self.depth_heads[p - 1]), table, size, 1, noise[:, p])
+            ids = pick(F.linear(out, self.depth_heads[p - 1]), table, size, 1, keys[:, p : p + 1], top_k)
             codes.append(ids)
             if p < k - 1:  # codebook p sits at depth position p + 1
                 x = self.depth_projector(self.depth_embed(ids + p * self.vocab_size)[:, None])
@@ -302,29 +306,31 @@ class BatchRunner:
 
     @torch.inference_mode()
     def _prepare_bucket(self, size: int, pool) -> BucketReport:
+        """Every candidate-count variant of one bucket; the report times the small one (the default)."""
         started = time.perf_counter()
         free_before = torch.cuda.mem_get_info(self.device)[0] if self.graphs else None
         self._inputs_np[:size] = (self.backbone.scratch, 0, 0)
         self.inputs[:size].copy_(self.inputs_host[:size])
-        if self.graphs:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(_WARMUPS):
-                    self._body(size)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._body(size)
-            self._captured[size] = graph
-        else:
-            self._body(size)  # compiles, when compiled
+        for top_k in self.candidate_counts:
+            if self.graphs:
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    for _ in range(_WARMUPS):
+                        self._body(size, top_k)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._body(size, top_k)
+                self._captured[size, top_k] = graph
+            else:
+                self._body(size, top_k)  # compiles, when compiled
         prepare_s = time.perf_counter() - started
         times = []
         for _ in range(3):
             begun = time.perf_counter()
-            out = self._run(size)
+            out = self._run(size, self.candidate_counts[0])
             times.append(out.device_ms if out.device_ms is not None else 1000 * (time.perf_counter() - begun))
         self.step_ms[size] = float(np.median(times))
         memory = None

@@ -4,10 +4,12 @@ Sampling is the Gumbel-max trick: ``argmax(logits / T + g)`` with ``g`` Gumbel n
 ``softmax(logits / T)``, and top-k masks the rest first (masked ranks are ``-inf``). Greedy rows add no
 noise and divide by 1.
 
-The noise is a pure function of ``(seed, frame, codebook, token)``: a 32-bit counter hash (murmur3's
-finaliser over a Weyl sequence) computed with int64 tensor arithmetic, so CPU and CUDA give the same
-bits, a row's noise never depends on which other rows share its step, and nothing is drawn from a
-generator (no per-row launches, no random state to bake into a captured graph). A seeded request
+The noise is a pure function of ``(seed, frame, codebook, token)``: 32-bit counter hashes (murmur3's
+finaliser for the per-row keys, a cheaper xorshift-multiply mixer per token) computed with int64 tensor
+arithmetic that never overflows, so CPU and CUDA give the same bits, a row's noise never depends on
+which other rows share its step, and nothing is drawn from a generator (no per-row launches, no random
+state to bake into a captured graph). Because the noise belongs to the token id, drawing among the
+top-k candidates only is the same draw as drawing over every id with the rest masked. A seeded request
 therefore samples the same codes alone or in any batch wherever its logits are the same (float32 on a
 CPU: exactly; bfloat16 on a GPU: a bucket's GEMM kernels may round its logits differently, so codes can
 occasionally diverge between batch sizes).
@@ -95,6 +97,16 @@ def fmix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A cheaper 32-bit mixer for the per-token hash (xorshift-multiply rounds): its multipliers are
+    below ``2**31``, so ``x * c`` stays below ``2**63`` and needs no splitting."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK
+    x = x ^ (x >> 15)
+    x = (x * 0x1B873593) & _MASK
+    return x ^ (x >> 16)
+
+
 def row_keys(seed: torch.Tensor, frame: torch.Tensor, codebooks: int) -> torch.Tensor:
     """One 32-bit key per (row, codebook): ``(B, codebooks)`` int64 from seeds ``(B,)`` (any int64) and
     frame counters ``(B,)``."""
@@ -105,19 +117,14 @@ def row_keys(seed: torch.Tensor, frame: torch.Tensor, codebooks: int) -> torch.T
     return fmix32(key[:, None] ^ _mul32(book, _GOLDEN)[None, :])
 
 
-def token_steps(n: int, device) -> torch.Tensor:
-    """The Weyl sequence ``token * golden mod 2**32`` for tokens ``0 .. n-1`` (a static buffer)."""
-    return _mul32(torch.arange(n, device=device, dtype=torch.long), _GOLDEN)
+def token_bits(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The 32-bit hash of each row's key ``(B, 1)`` and token id ``tokens`` ``(B, n)`` (int64)."""
+    return mix32((keys + _mul32(tokens, _GOLDEN)) & _MASK)
 
 
-def uniform_bits(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """The 32-bit hash ``(B, C, n)`` of each (row, codebook) key ``(B, C)`` and token ``(n,)``."""
-    return fmix32((keys[..., None] + steps) & _MASK)
-
-
-def gumbel_noise(seed: torch.Tensor, frame: torch.Tensor, codebooks: int, steps: torch.Tensor) -> torch.Tensor:
-    """Gumbel noise ``(B, codebooks, n)`` float32 for seeds and frame counters ``(B,)`` (int64)."""
-    bits = uniform_bits(row_keys(seed, frame, codebooks), steps)
+def gumbel(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise ``(B, n)`` float32 for each row's key ``(B, 1)`` and token ids ``(B, n)``."""
+    bits = token_bits(keys, tokens)
     uniform = ((bits >> (32 - _UNIFORM_BITS)).to(torch.float32) + 0.5) * 2.0**-_UNIFORM_BITS
     return -torch.log(-torch.log(uniform))
 
@@ -127,7 +134,7 @@ class SamplingTable:
     """Each slot's sampling settings on the device, for both stages (0: backbone, 1: depth decoder).
 
     ``temperature`` ``(slots, 2)`` float32 (1 for greedy), ``top_k`` ``(slots, 2)`` int64 (``valid`` for
-    no top-k), ``do_sample`` ``(slots, 2)`` float32 (1: add the noise, 0: greedy), ``seed`` ``(slots,)``
+    no top-k, 1 for greedy), ``do_sample`` ``(slots, 2)`` float32 (1: add the noise, 0: greedy), ``seed`` ``(slots,)``
     int64. Allocated once; :meth:`write` changes one slot's rows in place.
     """
 
@@ -143,13 +150,8 @@ class SamplingTable:
 
     def write(self, slot: int, row: RowSampling) -> None:
         """Set ``slot``'s settings (once per piece, between steps)."""
-        stages = (row.backbone, row.depth)
-        values = [
-            (s.temperature if s.do_sample else 1.0,
-             min(s.top_k, self.valid) if s.do_sample and s.top_k else self.valid,
-             1.0 if s.do_sample else 0.0)
-            for s in stages
-        ]
+        values = [(s.temperature if s.do_sample else 1.0, self.top_k_of(s), 1.0 if s.do_sample else 0.0)
+                  for s in (row.backbone, row.depth)]
         device = self.seed.device
         self.temperature[slot] = torch.tensor([v[0] for v in values], device=device)
         self.top_k[slot] = torch.tensor([v[1] for v in values], device=device)
@@ -160,14 +162,34 @@ class SamplingTable:
         for buffer in self.buffers().values():
             buffer[dst] = buffer[src]
 
+    def top_k_of(self, sampling: Sampling) -> int:
+        """The top-k a stage uses: 1 for greedy (its argmax needs no candidates), ``valid`` for none."""
+        if not sampling.do_sample:
+            return 1
+        return min(sampling.top_k, self.valid) if sampling.top_k else self.valid
 
-def pick(logits: torch.Tensor, table: SamplingTable, rows: int, stage: int, noise: torch.Tensor) -> torch.Tensor:
-    """Ids ``(B,)`` from logits ``(B, vocab)`` for slots ``0 .. B-1`` (``B = rows``), stage ``stage``, with
-    Gumbel noise ``(B, valid)``: float32 like ``generate()``; ids the codec cannot decode (>= ``valid``)
-    are never chosen. Static shapes, no host sync: top-k is the k-th of a full sort."""
+
+def pick(logits: torch.Tensor, table: SamplingTable, rows: int, stage: int, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids ``(B,)`` from logits ``(B, vocab)`` for slots ``0 .. B-1`` (``B = rows``) at stage ``stage``;
+    ``keys`` ``(B, 1)``: each row's noise key for this codebook. Float32 like ``generate()``; ids the
+    codec cannot decode (>= ``valid``) are never chosen. Static shapes, no host sync.
+
+    Greedy rows take the argmax. Sampled rows draw among their top-k by Gumbel-max, computed over the
+    ``k`` best candidates only (``k``: a constant of the step, at least every sampled row's top-k; the
+    host picks a small one when it can, ``valid`` otherwise), with noise hashed from the candidates' token
+    ids: the same draw as noise over every id, masked."""
     valid = table.valid
     scores = logits[:, :valid].float() / table.temperature[:rows, stage : stage + 1]
-    kth = torch.topk(scores, valid, dim=-1).values.gather(1, table.top_k[:rows, stage : stage + 1] - 1)
-    scores = scores.masked_fill(scores < kth, float("-inf"))
-    sampled = table.do_sample[:rows, stage : stage + 1] > 0
-    return torch.where(sampled, scores + noise, scores).argmax(dim=-1)
+    best = scores.argmax(dim=-1)
+    values, ids = torch.topk(scores, k, dim=-1)
+    top_k = table.top_k[:rows, stage : stage + 1].clamp(max=k)  # a row not decoding may ask for more
+    kth = values.gather(1, top_k - 1)
+    noisy = torch.where(values >= kth, values + gumbel(keys, ids), float("-inf"))
+    drawn = ids.gather(1, noisy.argmax(dim=-1, keepdim=True))[:, 0]
+    return torch.where(table.do_sample[:rows, stage] > 0, drawn, best)
+
+
+def candidates(table_top_k: list[tuple[int, int]], small: int, valid: int) -> int:
+    """The step's candidate count: ``small`` when every decoding row's top-k (both stages; ``valid`` for
+    none) fits in it, else ``valid``."""
+    return small if all(k <= small for pair in table_top_k for k in pair) else valid
