@@ -32,8 +32,16 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from run import (  # noqa: E402
-    PROMPT, full_size_model, machine, matvec_bandwidth, serve, sync, weight_bytes_per_frame, write_section,
+    PROMPT,
+    full_size_model,
+    machine,
+    matvec_bandwidth,
+    serve,
+    sync,
+    weight_bytes_per_frame,
+    write_section,
 )
+from streams import streams_at_once  # noqa: E402
 
 from csmserve.engine.runner import BatchRunner, RowSampling  # noqa: E402
 
@@ -70,28 +78,6 @@ def step_table(model, dtype: str, device: str, frames: int) -> list[dict]:
     for row in rows:
         row["speedup"] = row["fps"] / base
     return rows
-
-
-async def one_stream(port: int, text: str, seed: int, frames: int) -> dict:
-    from csmserve.client import CsmClient
-
-    async with CsmClient(f"ws://127.0.0.1:{port}/ws/generate") as client:
-        started = time.monotonic()
-        await client.send({"text": text, "seed": seed, "max_audio_ms": 80 * frames, "chunk_ms": 80})
-        arrivals, samples = [], 0
-        async for chunk in client.receive():
-            arrivals.append(time.monotonic() - started)
-            samples += len(chunk) // 2
-    first = arrivals[0]
-    # Real time: chunk k (80 ms each) arrives before the k chunks before it have finished playing.
-    real_time = all(t - first <= 0.08 * k + 0.02 for k, t in enumerate(arrivals))
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return {"ttfa": first, "end": arrivals[-1], "audio_s": samples / 24_000, "gaps": gaps, "real_time": real_time}
-
-
-async def streams_at_once(port: int, n: int, frames: int) -> list[dict]:
-    texts = [f"Caller number {i} says hello, and a little more, to fill the prompt." for i in range(n)]
-    return await asyncio.gather(*(one_stream(port, t, i, frames) for i, t in enumerate(texts)))
 
 
 def server_table(model_dir: str | None, frames: int) -> list[dict]:
