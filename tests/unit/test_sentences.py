@@ -104,6 +104,29 @@ def test_streamed_fragments_give_the_same_sentences_as_the_whole_text(text):
         assert _stream(text, seed) == whole
 
 
+def test_times_and_decimals_ending_a_sentence_stay_whole():
+    """The "30." of "10:30." and the "14." of "3.14." are not list numbers opening the next sentence."""
+    assert split_sentences("Meet at 10:30. Then go. Pi is 3.14. So it is.") == [
+        "Meet at 10:30.",
+        "Then go.",
+        "Pi is 3.14.",
+        "So it is.",
+    ]
+
+
+def test_abbreviations_before_numbers_do_not_end_a_sentence():
+    """approx., Apt., No. and lbs. before a number go on; a full stop after a plain number still ends one."""
+    assert split_sentences("It is approx. 5 km away. Approx. 50 people came.") == [
+        "It is approx. 5 km away.",
+        "Approx. 50 people came.",
+    ]
+    assert split_sentences("He lives at 12 Main St. Apt. 4 now. It weighs 5 lbs. 3 oz. in all.") == [
+        "He lives at 12 Main St. Apt. 4 now.",
+        "It weighs 5 lbs. 3 oz. in all.",
+    ]
+    assert split_sentences("It costs $42. 50 people came.") == ["It costs $42.", "50 people came."]
+
+
 def test_sentence_is_released_once_a_whole_next_word_follows():
     """Nothing at the full stop, nothing at the space, the sentence once the next word is complete."""
     buffer = SentenceBuffer()
