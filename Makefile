@@ -52,11 +52,12 @@ test-fast: $(DEV) browser
 
 # The documentation site (MkDocs, Material theme) from docs/ into $(SITE)/ (git-ignored). --strict: a broken
 # link, a page missing from the nav or a failing hook stops the build; make test runs the same build.
+# NO_MKDOCS_2_WARNING: Material prints a banner about its end of life (May 2027) on every build.
 docs: $(DOCS)
-	$(BIN)/mkdocs build --strict --site-dir $(SITE)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(SITE)
 
 docs-serve: $(DOCS)
-	$(BIN)/mkdocs serve --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
 
 bench: $(RUNTIME)
 	$(BIN)/python bench/run.py
