@@ -141,31 +141,74 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def server_health(ws_url: str) -> dict | None:
+    """``/health`` of the server behind ``ws_url`` (same host, same path prefix), or ``None`` when it
+    cannot be read: it only adds detail to what ``say`` prints."""
+    import json
+    import urllib.request
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(ws_url)
+    prefix = parts.path.removesuffix("/ws/generate") if parts.path.endswith("/ws/generate") else ""
+    url = urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, prefix + "/health", "", ""))
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.load(response)
+    except (OSError, ValueError):
+        return None
+
+
+def describe_server(url: str, health: dict | None, done: dict) -> str:
+    """One line naming the server that answered: its URL, and its model and device when known."""
+    from csmserve.logs import redact
+
+    line = f"server: {redact(url)}"
+    if health is not None:
+        line += f" ({health.get('model')} on {health.get('device')}, {health.get('dtype')})"
+    if done.get("replica"):
+        line += f", replica {done['replica']}"
+    return line
+
+
 def cmd_say(args: argparse.Namespace) -> int:
     import numpy as np
     import soundfile as sf
 
-    from csmserve.client import CsmClient, ServerError
+    from csmserve.client import CsmClient, ServerError, server_url
+
+    try:
+        url = args.url or server_url()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     async def run():
-        async with CsmClient(args.url) as client:
+        async with CsmClient(url) as client:
             return await client.synthesize(args.text, args.speaker, **({"seed": args.seed} if args.seed is not None else {}))
 
     try:
         result = asyncio.run(run())
     except ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error from {url}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"error: cannot reach {args.url}: {exc} (is `csmserve serve` running?)", file=sys.stderr)
+        print(
+            f"error: cannot reach {url}: {exc} (is `csmserve serve` running? `say` follows CSM_HOST and "
+            "CSM_PORT as the server does, or pass --url)",
+            file=sys.stderr,
+        )
         return 1
     rate = int(result.done.get("sample_rate", 24000))
     sf.write(args.output, np.frombuffer(result.pcm, dtype="<i2"), rate, subtype="PCM_16")
     ttfa = f"{1000 * result.ttfa_s:.0f} ms" if result.ttfa_s is not None else "n/a"
+    health = server_health(url)
     print(
         f"wrote {args.output}: {len(result.pcm) / 2 / rate:.2f} s of audio in {len(result.chunk_sizes)} chunks; "
         f"time to first audio {ttfa}"
     )
+    print(describe_server(url, health, result.done))
+    if health is not None and health.get("offline_model"):
+        print("note: that server runs the offline model (random weights): the audio is noise", file=sys.stderr)
     return 0
 
 
@@ -187,7 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     say = sub.add_parser("say", help="stream speech from a running server into a WAV file")
     say.add_argument("text")
     say.add_argument("-o", "--output", default="out.wav", help="WAV file to write")
-    say.add_argument("--url", default="ws://127.0.0.1:8000/ws/generate", help="server WebSocket URL")
+    say.add_argument(
+        "--url",
+        default=None,
+        help="the server's WebSocket URL (default: ws://CSM_HOST:CSM_PORT/ws/generate, as `serve` listens; "
+        "a wildcard host such as 0.0.0.0 means 127.0.0.1)",
+    )
     say.add_argument("--speaker", type=int, default=0, help="speaker id")
     say.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same audio)")
     say.set_defaults(func=cmd_say)

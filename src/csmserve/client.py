@@ -4,17 +4,46 @@
         async for chunk in client.stream("Hello world", speaker_id=0):
             play(chunk)                  # mono s16le PCM bytes at 24 kHz
         print(client.last_done)          # {"done": true, "audio_ms": ..., "ttfa_ms": ...}
+
+Without a URL it connects where ``csmserve serve`` listens with the same environment
+(:func:`server_url`: ``CSM_HOST`` and ``CSM_PORT``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+
+from csmserve.config import Settings
+
+#: Listen addresses that mean "every interface": a client reaches such a server on loopback.
+_ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1", "[::]": "::1"}
+
+
+def server_url(environ: Mapping[str, str] = os.environ) -> str:
+    """The ``/ws/generate`` URL of the server that ``csmserve serve`` would start with ``environ``.
+
+    Reads only ``CSM_HOST`` and ``CSM_PORT`` (a client must not fail on the server's other settings),
+    with the same defaults as :class:`~csmserve.config.Settings`. A wildcard listen address (``0.0.0.0``,
+    ``::``) becomes loopback. Raises ``ValueError`` when ``CSM_PORT`` is not a port a client can reach.
+    """
+    host = environ.get("CSM_HOST", Settings.model_fields["host"].default).strip()
+    host = _ANY_ADDRESS.get(host, host)
+    raw_port = environ.get("CSM_PORT", str(Settings.model_fields["port"].default)).strip()
+    if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
+        raise ValueError(
+            f"CSM_PORT={raw_port!r} is not a port a client can connect to (1-65535); "
+            "set it to the server's port or pass --url"
+        )
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal in a URL
+    return f"ws://{host}:{int(raw_port)}/ws/generate"
 
 
 class ServerError(Exception):
@@ -39,8 +68,9 @@ class Result:
 
 
 class CsmClient:
-    def __init__(self, url: str = "ws://127.0.0.1:8000/ws/generate", *, open_timeout: float = 30.0):
-        self.url = url
+    def __init__(self, url: str | None = None, *, open_timeout: float = 30.0):
+        """``url``: the server's ``/ws/generate``; ``None``: :func:`server_url` (``CSM_HOST``/``CSM_PORT``)."""
+        self.url = url if url is not None else server_url()
         self.open_timeout = open_timeout
         self.ws: ClientConnection | None = None
         self.last_done: dict | None = None

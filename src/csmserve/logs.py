@@ -28,6 +28,8 @@ _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 # C0/C1 controls, DEL, and line/paragraph separators: nothing a client sends may start a log line.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 MAX_ID_CHARS = 128
+#: A text log line; ``request_tag`` is `` [<request id>]`` while a request is handled, else empty.
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
 
 
 def _is_placeholder(value: str) -> bool:
@@ -61,10 +63,12 @@ def clean_id(value: str | None) -> str | None:
 
 
 class ContextFilter(logging.Filter):
-    """Adds ``request_id`` to every record and redacts credentials from the message."""
+    """Adds ``request_id`` to every record (and ``request_tag``: `` [id]``, or nothing when there is
+    none, for text lines) and redacts credentials from the message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = clean_id(request_id.get())
+        record.request_tag = f" [{record.request_id}]" if record.request_id is not None else ""
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message:
@@ -105,6 +109,39 @@ class RateLimit(logging.Filter):
         return True
 
 
+class DropMessages(logging.Filter):
+    """Drops the records whose message matches ``pattern``: attached to one third-party logger, it
+    silences one known warning and lets every other record of that logger through."""
+
+    def __init__(self, pattern: re.Pattern):
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.pattern.match(record.getMessage()) is None
+
+
+#: Third-party warnings an operator can do nothing about, by the logger that emits them. transformers
+#: checks CSM's text special tokens (128000-128003, Llama 3's) against the *audio* vocabulary (2051 x 32
+#: codebooks), so every load of csm-1b, the real checkpoint as much as the offline one, printed five
+#: "must be `None` or an integer within the vocabulary" warnings; the ids are right.
+KNOWN_NOISE = {
+    "transformers.models.csm.configuration_csm": re.compile(
+        r"Model config: \w+_token_id must be `None` or an integer within the vocabulary \(between 0 and \d+\), "
+        r"got \d+\."
+    ),
+}
+
+
+def drop_known_noise() -> None:
+    """Attach a :class:`DropMessages` filter to each logger of :data:`KNOWN_NOISE` (once; no import of
+    the library: a logger exists by name before its module loads)."""
+    for name, pattern in KNOWN_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessages) for f in logger.filters):
+            logger.addFilter(DropMessages(pattern))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -127,7 +164,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -137,3 +174,4 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         logger.propagate = True
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    drop_known_noise()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -92,6 +93,51 @@ def test_say_writes_a_playable_wav_and_prints_time_to_first_audio(served):
     info = sf.info(str(out))
     assert (info.samplerate, info.channels, info.subtype) == (24000, 1, "PCM_16")
     assert info.frames > 0
+
+
+def test_start_up_log_has_no_third_party_config_warnings_and_no_empty_request_ids(served):
+    """Loading the offline model (the real one's config layout) logs none of transformers' five token-id
+    warnings, and lines outside a request carry no `[None]`."""
+    _, _, tmp = served
+    log = (tmp / "server.log").read_text()
+    assert "model loaded in" in log  # the log does cover the load
+    assert "must be `None` or an integer within the vocabulary" not in log
+    assert "[transformers]" not in log
+    assert "[None]" not in log
+    assert " csmserve.server.app: ready: " in log
+
+
+def test_say_follows_csm_port_and_names_the_server_that_answered(fake_server, tmp_path):
+    """With CSM_PORT set to the server's (non-default) port and CSM_HOST the wildcard listen address,
+    `say` reaches that server on loopback, writes its audio and says which server answered."""
+    from csmserve.engine import SynthesisRequest
+
+    text = "Hello on another port."
+    out = tmp_path / "port.wav"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CSM_")}
+    env.update(CSM_HOST="0.0.0.0", CSM_PORT=str(fake_server.port))
+    result = subprocess.run(
+        [sys.executable, "-m", "csmserve", "say", text, "-o", str(out)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert fake_server.port != 8000
+    assert f"server: ws://127.0.0.1:{fake_server.port}/ws/generate (fake-tone on " in result.stdout
+    assert "the audio is noise" in result.stderr  # the fake engine reports itself as an offline model
+    expected = fake_server.engine.render(SynthesisRequest(text, max_audio_ms=fake_server.app.state.csm.settings.audio_budget_ms(text)))
+    assert sf.info(str(out)).frames == len(expected)
+
+
+def test_say_refuses_a_port_no_client_can_reach(tmp_path):
+    """CSM_PORT=0 (the server picks a free port) gives `say` nothing to connect to: a clear error."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CSM_")}
+    env["CSM_PORT"] = "0"
+    result = subprocess.run(
+        [sys.executable, "-m", "csmserve", "say", "Hi", "-o", str(tmp_path / "x.wav")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode == 2
+    assert "CSM_PORT='0' is not a port a client can connect to" in result.stderr and "--url" in result.stderr
 
 
 def test_say_without_a_server_explains_itself(tmp_path):

@@ -276,12 +276,13 @@ def test_offline_csm_model_streams_through_the_page(csm_server, page):
     assert demo["samplesPlayed"] == demo["samplesScheduled"] == demo["lastDone"]["samples"] > 0
 
 
-def test_readme_browser_example_plays_a_whole_utterance(fake_server, page):
-    """The README's JavaScript client, run in Chromium as written, receives every chunk and the done frame."""
+def test_docs_browser_example_plays_a_whole_utterance(fake_server, page):
+    """The browser client on the seed API's Clients page, run in Chromium as written, receives every chunk
+    and the done frame."""
     import re
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    block = re.search(r"```javascript\n(.*?)```", readme, flags=re.S).group(1)
+    page_text = (Path(__file__).resolve().parents[2] / "docs" / "api" / "seed" / "clients.md").read_text()
+    block = re.search(r"```javascript\n(.*?)```", page_text, flags=re.S).group(1)
     page.goto(fake_server.http + "/")
     result = page.evaluate(f"async () => {{ {block}\n return await speak('Hello from the README.'); }}")
     assert result["done"]["done"] is True

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from csmserve.text.normalize import normalize
 from csmserve.text.sentences import SentenceBuffer, chunk_for_window, split_sentences
 
 STREAMED_TEXTS = [
@@ -14,6 +15,14 @@ STREAMED_TEXTS = [
     'Steps: 1. Open the box. 2. Take it out. "Done?" she asked. “Yes,” he said.',
     "Mr. and Mrs. Jones live in the U.S. now. I live in the U.S. Hello to them! Pi is 3.14. Wait... what?",
     "Write to bob@example.org, or see https://example.com/a.b?c=d. He counted to 3. Then he stopped.",
+    "Your total is $42.50, due 12/03/2025; call +1 (555) 123-4567. Dr. Smith sees you at 3:30 p.m. Dec. 3.",
+    "It is approx. 5 km away, at 12 Main St. Apt. 4. The 3.5 km run costs €12.99 (10% off). Thanks!",
+    "Visit www.example.com/help or mail help@example.com. We raised $1.5M in 2024, i.e. more than 1,234 yen.",
+]
+# Sentences in which a number, price, date, time, decimal, address or abbreviation sits next to a full stop.
+SPOKEN_TEXTS = STREAMED_TEXTS + [
+    "Call Dr. Jones at 9 a.m. Then call St. Mary's at 10:30. It weighs 5 lbs. 3 oz. in all.",
+    "Order No. 12345 ships on 12/03. Version 1.2.3 is out. Pi is 3.14159. He counted to 3. Then he left.",
 ]
 
 
@@ -102,6 +111,60 @@ def test_streamed_fragments_give_the_same_sentences_as_the_whole_text(text):
     whole = split_sentences(text)
     for seed in range(40):
         assert _stream(text, seed) == whole
+
+
+def test_times_and_decimals_ending_a_sentence_stay_whole():
+    """The "30." of "10:30." and the "14." of "3.14." are not list numbers opening the next sentence."""
+    assert split_sentences("Meet at 10:30. Then go. Pi is 3.14. So it is.") == [
+        "Meet at 10:30.",
+        "Then go.",
+        "Pi is 3.14.",
+        "So it is.",
+    ]
+
+
+def test_abbreviations_before_numbers_do_not_end_a_sentence():
+    """approx., Apt., No. and lbs. before a number go on; a full stop after a plain number still ends one."""
+    assert split_sentences("It is approx. 5 km away. Approx. 50 people came.") == [
+        "It is approx. 5 km away.",
+        "Approx. 50 people came.",
+    ]
+    assert split_sentences("He lives at 12 Main St. Apt. 4 now. It weighs 5 lbs. 3 oz. in all.") == [
+        "He lives at 12 Main St. Apt. 4 now.",
+        "It weighs 5 lbs. 3 oz. in all.",
+    ]
+    assert split_sentences("It costs $42. 50 people came.") == ["It costs $42.", "50 people came."]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "sentence"),
+    [
+        (["Your total is $42", ".", "50", " today", "."], "Your total is $42.50 today."),
+        (["It is 3", ".", "5 km", " away", "."], "It is 3.5 km away."),
+        (["I met Dr", ".", " Smith", " today", "."], "I met Dr. Smith today."),
+        (["Call 555", "-", "0123 at 9 a", ".", "m", ". tomorrow", "."], "Call 555-0123 at 9 a.m. tomorrow."),
+        (["Due 12", "/", "03", "/", "2025 at 3", ":", "30", "."], "Due 12/03/2025 at 3:30."),
+        (["See example", ".", "com", "/", "help for more", "."], "See example.com/help for more."),
+        (["Mr", ".", " and Mrs", ". Jones, e", ".", "g", ". twice", "."], "Mr. and Mrs. Jones, e.g. twice."),
+    ],
+)
+def test_numbers_prices_times_and_abbreviations_split_across_tokens_stay_in_one_sentence(tokens, sentence):
+    """Tokens that cut "$42." from "50" or "Dr." from "Smith" release nothing early: one whole sentence."""
+    buffer, released = SentenceBuffer(), []
+    for token in tokens:
+        released += buffer.push(token)
+        assert all(r == sentence for r in released)
+    released += buffer.push(" Next one")
+    assert released == [sentence]
+    assert buffer.flush() == ["Next one"]
+
+
+@pytest.mark.parametrize("text", SPOKEN_TEXTS)
+def test_normalising_sentence_by_sentence_says_the_same_as_the_whole_text(text):
+    """No sentence boundary falls inside a price, date, time, decimal, address or abbreviation."""
+    whole = normalize(text).text.split()
+    by_sentence = [word for sentence in split_sentences(text) for word in normalize(sentence).text.split()]
+    assert by_sentence == whole
 
 
 def test_sentence_is_released_once_a_whole_next_word_follows():

@@ -5,7 +5,9 @@ Dr., e.g., U.S., p.m.; decimals and prices; ellipses; URLs and e-mail addresses;
 repairs on top for what it gets wrong in text read aloud:
 
 * a piece that starts with a lower-case letter continues the previous sentence
-  ("3.5 lbs. of apples" is one sentence, whatever the abbreviation list says);
+  ("3.5 lbs. of apples" is one sentence, whatever the abbreviation list says), and so does a
+  number after an abbreviation that stands before numbers ("approx. 5 km", "Apt. 4", "5 lbs. 3 oz."),
+  so that text normalised sentence by sentence reads the same as the whole text;
 * a list number ("1.") goes with the item it numbers, and an opening quote with the sentence it
   opens, not with the sentence before them.
 
@@ -19,21 +21,31 @@ from collections.abc import Iterable
 
 import sentencex
 
-# What ends a piece but opens the next sentence: a list number ("2.") at the start of the piece
-# or after a sentence end, colon or line break; an opening quote or bracket after whitespace.
+# What ends a piece but opens the next sentence: a list number ("2.") at the start of the piece,
+# after a line break, or after a space that follows a sentence end or colon (not the "30." of
+# "10:30." or the "14." of "3.14."); an opening quote or bracket after whitespace.
 _OPENS_NEXT = re.compile(
-    r"(?:(?:^|(?<=[.!?:;\n])\s*)(?P<number>\d{1,3}\.\s*)|(?<=\s)(?P<quote>[\"'“‘«(\[]+))$"
+    r"(?:(?:^|(?<=[.!?:;])\s+|(?<=\n)\s*)(?P<number>\d{1,3}\.\s*)|(?<=\s)(?P<quote>[\"'“‘«(\[]+))$"
 )
 # The first letter or digit of a piece, past opening quotes and brackets.
 _FIRST_WORD_CHAR = re.compile(r"[\s\"'“‘(\[]*(\w)")
+# Abbreviations that stand before a number; the segmenter ends a sentence at some of them.
+_BEFORE_NUMBER = re.compile(
+    r"\b(?:approx|apt|no|nos|vol|ch|fig|pp?|ext|tel|ste|rm|bldg|ca|lbs?|oz|ft)\.\s*$", re.IGNORECASE
+)
 _CLAUSE_BREAK = re.compile(r"(?<=[,;:—–])\s+")
 # A word followed by whitespace: the segmenter has seen the whole of the next word.
 _COMPLETE_WORD = re.compile(r"\S\s")
 
 
-def _continues_sentence(piece: str) -> bool:
+def _continues_sentence(previous: str, piece: str) -> bool:
+    if not piece.strip():
+        return True
     match = _FIRST_WORD_CHAR.match(piece)
-    return not piece.strip() or (match is not None and match.group(1).islower())
+    if match is None:
+        return False
+    first = match.group(1)
+    return first.islower() or (first.isdigit() and _BEFORE_NUMBER.search(previous) is not None)
 
 
 def _segments(text: str) -> list[str]:
@@ -41,7 +53,7 @@ def _segments(text: str) -> list[str]:
     pieces = list(sentencex.segment("en", text))
     out: list[str] = []
     for i, piece in enumerate(pieces):
-        if out and _continues_sentence(piece):
+        if out and _continues_sentence(out[-1], piece):
             out[-1] += piece
             continue
         opener = _OPENS_NEXT.search(piece) if i + 1 < len(pieces) else None
