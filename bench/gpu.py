@@ -18,8 +18,9 @@ no download), in the dtype the server would pick:
 Every figure is printed as it is measured, and with ``$OUT`` set also written to ``$OUT/gpu_bench.json``
 (a run cut short still reports). ``--write docs/benchmarks.md`` replaces its section there.
 
-    python bench/gpu.py                                   # on a GPU: 1, 16, 64, 128, 256
-    python bench/gpu.py --sizes 1,2,4 --streams 1,4 --server-model offline --steps 5   # on a CPU
+    python bench/gpu.py                      # on a GPU: 1, 16, 64, 128, 256 rows and streams (make bench-gpu)
+    python bench/gpu.py                      # on a CPU: 1, 2, 4 rows; 1 and 4 streams on the offline model
+    python bench/gpu.py --write docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -305,18 +306,20 @@ def render(device_name: str, dtype: str, bare: list[dict], server_rows: list[dic
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1,16,64,128,256", help="row counts of the bare step")
-    parser.add_argument("--streams", default="1,16,64,128,256", help="simultaneous streams for the server ('' skips)")
-    parser.add_argument("--steps", type=int, default=50, help="steps timed per size")
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--sizes", default="1,16,64,128,256" if cuda else "1,2,4", help="row counts of the bare step")
+    parser.add_argument("--streams", default="1,16,64,128,256" if cuda else "1,4",
+                        help="simultaneous streams for the server ('' skips it)")
+    parser.add_argument("--steps", type=int, default=50 if cuda else 5, help="steps timed per size")
     parser.add_argument("--frames", type=int, default=40, help="frames per stream in the server test")
     parser.add_argument("--eager-sizes", default="1,256", help="row counts timed without graphs, for comparison")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd step (minutes)")
-    parser.add_argument("--server-model", default="full", help="full (the random full-size model), offline, or a path")
+    parser.add_argument("--server-model", default="full" if cuda else "offline",
+                        help="full (the random full-size model), offline, or a checkpoint directory")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--write", type=Path, help="replace this file's GPU section (docs/benchmarks.md)")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
-    cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = default_dtype(device) if args.dtype == "auto" else args.dtype
     device_name = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.backends.cpu.get_cpu_capability()})"

@@ -76,7 +76,7 @@ class Settings(BaseSettings):
         ge=1,
         description=(
             "Streams generated together in one batched step (each holds a KV-cache slot). Unset: on a GPU as "
-            "many as fit in 80% of its free memory, at most 256; 8 on a CPU. More streams than this wait in "
+            "many as fit in 80 percent of its free memory, at most 256; 8 on a CPU. More streams than this wait in "
             "the queue."
         ),
     )

@@ -102,7 +102,7 @@ def create_app(
         limits=limits_from(settings),
         metrics=Metrics(),
         keys=KeyChecker(settings.api_keys),
-        watchdog=Watchdog(engine.capacity, settings.stall_timeout_s),
+        watchdog=Watchdog(engine.capacity, settings.stall_timeout_s, armed=lambda: engine.info.ready),
     )
     state.metrics.watch_capacity(engine.capacity)
     if hasattr(engine, "prefill_positions"):
