@@ -364,7 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     block = render(device_name, dtype, bare, server_rows, found, args)
     print("\n" + block)
     if args.write:
-        write_section(args.write, "gpu" if cuda else "gpu-on-cpu", block)
+        kind = "gpu" if cuda else "gpu-on-cpu"
+        heading = "" if cuda else "## GPU script on a CPU (`python bench/gpu.py`)\n\n"
+        write_section(args.write, kind, f"<!-- bench:{kind}:start -->\n{heading}{block}\n<!-- bench:{kind}:end -->")
         say(f"wrote {args.write}")
 
 
