@@ -16,7 +16,9 @@ seed-style clients (that only look for ``done``) also recognise as the end of th
 ``framing`` set, audio goes out as the telephony provider's JSON media messages instead.
 
 Nothing here raises anything but :class:`~csmserve.errors.InvalidRequest`: a bad message becomes
-an error event and the connection stays usable. Never imports torch.
+an error event and the connection stays usable. A request becomes speech through
+:meth:`GenerateRequest.to_speech_request` (what to say) and :meth:`GenerateRequest.output_sink` (how
+the audio leaves). Never imports torch.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from csmserve.audio.formats import make_encoder
+from csmserve.audio.telephony import TelnyxFramer, TwilioFramer
+from csmserve.config import Settings
 from csmserve.errors import InvalidRequest
+from csmserve.speech import AudioSink, SpeechRequest, StreamStats, Turn as SpeechTurn
+from csmserve.speech.sink import AsCallMessages, InChunks, Packer
 
 PCM_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 FORMATS = ("pcm_s16le", "mulaw", "alaw")
@@ -68,6 +75,16 @@ class Limits:
     default_chunk_ms: int = 200
     max_context_audio_s: float = 60.0
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            max_text_chars=settings.max_text_chars,
+            min_speaker_id=settings.min_speaker_id,
+            max_speaker_id=settings.max_speaker_id,
+            max_audio_ms=settings.max_audio_ms,
+            default_chunk_ms=settings.default_chunk_ms,
+        )
+
 
 class Turn(BaseModel):
     """A context turn: an earlier utterance, with its audio as base64 mono s16le at 24 kHz (optional)."""
@@ -102,6 +119,42 @@ class GenerateRequest(BaseModel):
     context: tuple[Turn, ...] = ()
     #: Unknown fields the client sent; they are ignored and reported back in ``done``.
     ignored_fields: tuple[str, ...] = Field(default=())
+
+    def to_speech_request(self) -> SpeechRequest:
+        """What to say. ``speaker_id`` only when the client sent it: a named voice brings its own."""
+        return SpeechRequest(
+            text=self.text,
+            speaker_id=self.speaker_id if "speaker_id" in self.model_fields_set else None,
+            voice=self.voice,
+            max_audio_ms=self.max_audio_ms,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            seed=self.seed,
+            request_id=self.request_id,
+            context=tuple(SpeechTurn(t.speaker_id, t.text, t.audio) for t in self.context),
+        )
+
+    def output_sink(self, stats: StreamStats) -> AudioSink:
+        """How the audio leaves: binary chunks of exactly ``chunk_ms`` of the encoded audio (the first
+        ``first_chunk_ms``, the last what is left), or with ``framing`` the provider's JSON media
+        messages of whole 20 ms frames, then a mark."""
+        packer: Packer
+        if self.framing == "twilio":
+            packer = AsCallMessages(TwilioFramer(self.stream_sid), self.mark_name)
+        elif self.framing == "telnyx":
+            packer = AsCallMessages(TelnyxFramer(), self.mark_name)
+        else:
+            width = 2 if self.format == "pcm_s16le" else 1
+            size = width * self.sample_rate * self.chunk_ms // 1000
+            first = width * self.sample_rate * self.first_chunk_ms // 1000 if self.first_chunk_ms else None
+            # Keep whole samples in every chunk.
+            packer = InChunks(size - size % width, first - first % width if first else None)
+        return AudioSink(make_encoder(self.format, self.sample_rate), stats, packer)
+
+    @property
+    def mark_name(self) -> str:
+        """The mark that ends a framed stream (the provider echoes it once the audio has played)."""
+        return self.request_id or "csmserve-end"
 
 
 class TextMessage(BaseModel):

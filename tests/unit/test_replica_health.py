@@ -29,7 +29,7 @@ def test_a_loading_or_draining_replica_is_not_healthy(tmp_path):
     state = state_of(tmp_path)
     assert health_problem(state) == "the model is not loaded"
     asyncio.run(state.engine.start())
-    state.draining = True
+    state.admission.draining = True
     assert health_problem(state) == "draining"
 
 

@@ -30,6 +30,8 @@ from typing import Any
 from csmserve.elevenlabs.formats import OutputFormat, parse_output_format
 from csmserve.errors import InvalidRequest
 from csmserve.protocol import parse_json_object
+from csmserve.speech import SpeechRequest, Turn
+from csmserve.speech.voices import VoiceChoice
 
 DEFAULT_CONTEXT = "default"
 MAX_CONTEXT_ID = 128
@@ -209,6 +211,16 @@ def key_of(raw: str | bytes | None) -> str | None:
 def key_of_authorization(value: str) -> str:
     """The key in an ``authorization`` value: "Bearer <key>", or the key alone."""
     return value[7:].strip() if value[:7].lower() == "bearer " else value
+
+
+# -- to speech ------------------------------------------------------------------------------------
+def speech_request(
+    voice: VoiceChoice, text: str, *, seed: int | None, request_id: str | None, context: tuple[Turn, ...] = ()
+) -> SpeechRequest:
+    """One sentence of a context (or of an HTTP request's text) in the ``voice_id``'s voice."""
+    return SpeechRequest(
+        text=text, speaker_id=voice.speaker_id, voice=voice.voice, seed=seed, request_id=request_id, context=context
+    )
 
 
 # -- server messages ------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import anyio
 from fastapi import FastAPI, Request
@@ -22,13 +21,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from csmserve import __version__
 from csmserve.config import Settings
 from csmserve.engine import Engine, create_engine
-from csmserve.errors import CsmServeError, Overloaded
+from csmserve.errors import CsmServeError
 from csmserve.metrics import Metrics
-from csmserve.protocol import Limits
+from csmserve.server.admission import Admission
 from csmserve.server.auth import KeyChecker
+from csmserve.server.errors import error_response, validation_error_response
 from csmserve.server.guard import Guard
-from csmserve.server.watchdog import Watchdog
+from csmserve.server.state import ServerState
 from csmserve.server.store import AudioStore
+from csmserve.server.watchdog import Watchdog
+from csmserve.speech import Speech
 from csmserve.voices import VoiceStore
 
 log = logging.getLogger(__name__)
@@ -36,103 +38,53 @@ log = logging.getLogger(__name__)
 DECODE_THREADS = 2
 
 
-@dataclass
-class ServerState:
-    settings: Settings
-    engine: Engine
-    store: AudioStore
-    voices: VoiceStore
-    limits: Limits
-    metrics: Metrics
-    keys: KeyChecker
-    load_error: CsmServeError | None = None
-    #: Set on SIGTERM: /ready is 503, new requests are refused, in-flight ones finish.
-    draining: bool = False
-    active: int = 0
-    #: WebSockets accepted without a key that have not yet sent one (capped: max_unauthenticated).
-    unauthenticated: int = 0
-    watchdog: Watchdog | None = None
-    #: Voice uploads decode here, off the event loop, a few at a time.
-    decoders: anyio.CapacityLimiter | None = None
-
-    def enter(self, endpoint: str) -> None:
-        """Admit one streaming request, or count it as rejected and raise :class:`Overloaded`
-        (WebSocket 1013, HTTP 429)."""
-        if self.draining or self.active >= self.settings.max_streams:
-            self.metrics.finished(endpoint, "rejected")
-            if self.draining:
-                raise Overloaded("the server is shutting down; reconnect to another instance")
-            raise Overloaded(f"{self.settings.max_streams} requests are streaming already; retry shortly")
-        self.active += 1
-        self.metrics.active_streams.set(self.active)
-
-    def leave(self) -> None:
-        self.active -= 1
-        self.metrics.active_streams.set(self.active)
-
-    @property
-    def ready(self) -> bool:
-        stalled = self.watchdog is not None and self.watchdog.stalled() is not None
-        return self.engine.info.ready and not self.draining and not self.engine.info.failed and not stalled
-
-
-def limits_from(settings: Settings) -> Limits:
-    return Limits(
-        max_text_chars=settings.max_text_chars,
-        min_speaker_id=settings.min_speaker_id,
-        max_speaker_id=settings.max_speaker_id,
-        max_audio_ms=settings.max_audio_ms,
-        default_chunk_ms=settings.default_chunk_ms,
-    )
-
-
-def create_app(
-    settings: Settings | None = None,
-    engine: Engine | None = None,
-    on_load_failed: Callable[[CsmServeError], None] | None = None,
-) -> FastAPI:
-    settings = settings or Settings()
-    engine = engine or create_engine(settings)
+def build_state(settings: Settings, engine: Engine) -> ServerState:
+    """Everything the routes share, for ``engine`` (not yet started)."""
+    metrics = Metrics()
+    voices = VoiceStore(settings.voices_dir)
     state = ServerState(
         settings=settings,
         engine=engine,
+        speech=Speech(engine, settings, voices),
         store=AudioStore(settings.audio_dir, settings.audio_max_files, settings.audio_max_bytes, settings.audio_ttl_s),
-        voices=VoiceStore(settings.voices_dir),
-        limits=limits_from(settings),
-        metrics=Metrics(),
+        voices=voices,
+        metrics=metrics,
         keys=KeyChecker(settings.api_keys),
+        admission=Admission(metrics, settings.max_streams, settings.max_unauthenticated),
         watchdog=Watchdog(engine.capacity, settings.stall_timeout_s),
     )
-    state.metrics.watch_capacity(engine.capacity)
+    metrics.watch_capacity(engine.capacity)
     if hasattr(engine, "prefill_positions"):
-        state.metrics.watch_prefill(lambda: engine.prefill_positions)
-    if not state.keys.enabled:
-        log.warning(
-            "no API keys configured (CSM_API_KEYS): anyone who can reach this port can use the model"
-        )
+        metrics.watch_prefill(lambda: engine.prefill_positions)
+    return state
 
-    async def load() -> None:
-        try:
-            await engine.start()
-        except CsmServeError as exc:
-            state.load_error = exc
-            engine.info.failed = exc.message
+
+async def load(state: ServerState, on_load_failed: Callable[[CsmServeError], None] | None) -> None:
+    """Start the engine; a failure is recorded (``/health`` says it), logged and handed to ``on_load_failed``."""
+    try:
+        await state.engine.start()
+    except Exception as exc:  # noqa: BLE001 - reported, and the server says so on /health
+        if isinstance(exc, CsmServeError):
+            error = exc
             log.error("model load failed: %s", exc.message)
-            if on_load_failed:
-                on_load_failed(exc)
-        except Exception as exc:  # noqa: BLE001 - reported, and the server says so on /health
-            state.load_error = CsmServeError(f"model load failed: {type(exc).__name__}: {exc}")
-            engine.info.failed = state.load_error.message
-            log.exception("model load failed")
-            if on_load_failed:
-                on_load_failed(state.load_error)
         else:
-            log.info("ready: ws://%s:%s/ws/generate", settings.host, settings.port)
+            error = CsmServeError(f"model load failed: {type(exc).__name__}: {exc}")
+            log.exception("model load failed")
+        state.load_error = error
+        state.engine.info.failed = error.message
+        if on_load_failed:
+            on_load_failed(error)
+    else:
+        log.info("ready: ws://%s:%s/ws/generate", state.settings.host, state.settings.port)
+
+
+def build_app(state: ServerState, on_load_failed: Callable[[CsmServeError], None] | None = None) -> FastAPI:
+    """The FastAPI app over ``state``: lifespan (load, watchdog), middleware, error shape, routes."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state.decoders = anyio.CapacityLimiter(DECODE_THREADS)
-        tasks = [asyncio.create_task(load()), asyncio.create_task(state.watchdog.run())]
+        tasks = [asyncio.create_task(load(state, on_load_failed)), asyncio.create_task(state.watchdog.run())]
         try:
             yield
         finally:
@@ -141,11 +93,10 @@ def create_app(
             for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
-            await engine.close()
+            await state.engine.close()
 
     app = FastAPI(title="csmserve", version=__version__, lifespan=lifespan)
     app.state.csm = state
-
     app.add_middleware(Guard, state=state)
 
     @app.get("/metrics")
@@ -154,19 +105,11 @@ def create_app(
 
     @app.exception_handler(CsmServeError)
     async def _csm_error(_request: Request, exc: CsmServeError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else None
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        messages = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            messages.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return JSONResponse(
-            {"error": {"code": "invalid_request", "message": "; ".join(messages) or "invalid request"}},
-            status_code=422,
-        )
+        return validation_error_response(exc)
 
     from csmserve.server import demo, elevenlabs_http, elevenlabs_ws, health, openai_api, rest, voices_api, ws
 
@@ -179,3 +122,17 @@ def create_app(
     app.include_router(elevenlabs_http.router)
     app.include_router(demo.router)
     return app
+
+
+def create_app(
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+    on_load_failed: Callable[[CsmServeError], None] | None = None,
+) -> FastAPI:
+    settings = settings or Settings()
+    state = build_state(settings, engine or create_engine(settings))
+    if not state.keys.enabled:
+        log.warning(
+            "no API keys configured (CSM_API_KEYS): anyone who can reach this port can use the model"
+        )
+    return build_app(state, on_load_failed)

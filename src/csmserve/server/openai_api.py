@@ -20,21 +20,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from csmserve.audio.containers import RESPONSE_FORMATS, make_container_encoder
-from csmserve.errors import CsmServeError, InvalidRequest, NotReady, Overloaded
+from csmserve.errors import CsmServeError, InvalidRequest, Overloaded
 from csmserve.logs import request_id
-from csmserve.pipeline import StreamStats, synthesis_request
-from csmserve.protocol import parse_json_object, parse_options
-from csmserve.server.streaming import ClientGone, Slot, collected, guarded_stream
+from csmserve.protocol import Limits, parse_json_object, parse_options
+from csmserve.server.state import ServerState, state_of
+from csmserve.server.streaming import collected, guarded_stream
+from csmserve.speech import AudioSink, SpeechRequest
+from csmserve.speech.voices import SPEAKER_NAMES as OPENAI_VOICES
+from csmserve.speech.voices import choose_voice
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
+ENDPOINT = "openai"
 
 MODEL_IDS = ("csm-1b", "sesame/csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
-#: OpenAI's voice names -> CSM speaker ids (alphabetical order of OpenAI's list).
-OPENAI_VOICES = {
-    "alloy": 0, "ash": 1, "ballad": 2, "coral": 3, "echo": 4,
-    "fable": 5, "nova": 6, "onyx": 7, "sage": 8, "shimmer": 9, "verse": 0,
-}
 
 
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -44,22 +43,26 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
     )
 
 
-def _voice_fields(voice, state) -> dict:
+def error_response(exc: CsmServeError) -> JSONResponse:
+    """An engine or admission error in OpenAI's shape, so its SDK raises its usual exception."""
+    kind = "server_error" if exc.http_status >= 500 or isinstance(exc, Overloaded) else "invalid_request_error"
+    body = {"error": {**exc.to_dict(), "type": kind, "param": None}}
+    return JSONResponse(body, status_code=exc.http_status, headers=exc.headers() or None)
+
+
+def _voice_fields(voice, state: ServerState) -> dict:
     """Protocol fields (speaker_id or voice) for an OpenAI ``voice``."""
     if isinstance(voice, dict):
         voice = voice.get("id")
     if not isinstance(voice, str) or not voice:
         raise InvalidRequest("voice must be a speaker id (\"0\"-\"9\"), a registered voice, or an OpenAI voice name")
-    if voice.isascii() and voice.isdigit() and len(voice) <= 4:
-        return {"speaker_id": int(voice)}
-    if state.voices.get(voice) is not None:
-        return {"voice": voice}
-    if voice.lower() in OPENAI_VOICES:
-        return {"speaker_id": OPENAI_VOICES[voice.lower()]}
-    raise InvalidRequest(
-        f"unknown voice {voice!r}: use a speaker id (\"0\"-\"9\"), a registered voice (GET /v1/voices), "
-        f"or one of {', '.join(OPENAI_VOICES)}"
-    )
+    choice = choose_voice(voice, state.voices, speaker_names=True)
+    if choice is None:
+        raise InvalidRequest(
+            f"unknown voice {voice!r}: use a speaker id (\"0\"-\"9\"), a registered voice (GET /v1/voices), "
+            f"or one of {', '.join(OPENAI_VOICES)}"
+        )
+    return {"speaker_id": choice.speaker_id} if choice.voice is None else {"voice": choice.voice}
 
 
 #: The ``openai`` SDK marks a response it reads as a stream (``with_streaming_response``) with this header.
@@ -91,7 +94,7 @@ async def models() -> dict:
 
 @router.post("/audio/speech")
 async def speech(request: Request):
-    state = request.app.state.csm
+    state = state_of(request)
     try:
         body = parse_json_object((await request.body()).decode("utf-8", errors="replace"))
     except InvalidRequest as exc:
@@ -121,82 +124,46 @@ async def speech(request: Request):
     streamed = streamed or stream_format == "sse"
     try:
         fields = _voice_fields(body.get("voice"), state)
-        options = parse_options({**fields, "seed": body.get("seed"), "request_id": request_id.get()}, state.limits, text)
-        synth = synthesis_request(options, state.settings, state.voices)
+        options = parse_options(
+            {**fields, "seed": body.get("seed"), "request_id": request_id.get()}, Limits.from_settings(state.settings), text
+        )
     except InvalidRequest as exc:
         return openai_error(400, exc.message, "voice" if "voice" in exc.message else None)
-    engine = state.engine
-    if not engine.info.ready:
-        return openai_error(503, NotReady.LOADING)
     encoder = make_container_encoder(response_format, whole_file=not streamed)
-    stats = StreamStats(engine.sample_rate)
-
-    async def audio_bytes():
-        """The encoder's bytes as the audio arrives (a whole file's come at the end); raises CsmServeError."""
-        stream = engine.synthesize(synth)
-        try:
-            async for piece in stream:
-                stats.samples += len(piece)
-                data = encoder.encode(piece)
-                if data:
-                    if stats.first_audio is None:
-                        stats.first_audio = time.monotonic()
-                    yield data
-            tail = encoder.flush()
-            if tail:
-                if stats.first_audio is None:
-                    stats.first_audio = time.monotonic()
-                yield tail
-        finally:
-            await stream.aclose()
+    sink = AudioSink(encoder, state.speech.stats())
+    speech = options.to_speech_request()
 
     if not streamed:  # a whole file: collected under the same rule, sent with its complete headers
-        return await _whole_file(request, state, audio_bytes, encoder.media_type, stats)
+        return await _whole_file(request, state, speech, sink)
 
     async def events():
         total = 0
-        chunks = audio_bytes()
-        try:
+        async with contextlib.aclosing(state.speech.stream(speech, sink)) as chunks:
             async for data in chunks:
                 total += len(data)
                 payload = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")}
                 yield f"data: {json.dumps(payload)}\n\n".encode()
-        finally:
-            await chunks.aclose()
         usage = {"input_tokens": len(text), "output_tokens": total, "total_tokens": len(text) + total}
         yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage})}\n\n".encode()
 
-    body, media_type = (audio_bytes(), encoder.media_type) if stream_format == "audio" else (events(), "text/event-stream")
-    try:
-        return await guarded_stream(state, "openai", body, media_type, stats)
-    except CsmServeError as exc:
-        return _error(exc)
+    if stream_format == "audio":
+        body, media_type = state.speech.stream(speech, sink), encoder.media_type
+    else:
+        body, media_type = events(), "text/event-stream"
+    return await guarded_stream(state, ENDPOINT, body, media_type, error_response, sink.stats)
 
 
-def _error(exc: CsmServeError) -> JSONResponse:
-    """An engine or admission error in OpenAI's shape, so its SDK raises its usual exception."""
-    kind = "server_error" if exc.http_status >= 500 or isinstance(exc, Overloaded) else "invalid_request_error"
-    headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else None
-    return JSONResponse({"error": {**exc.to_dict(), "type": kind, "param": None}}, status_code=exc.http_status, headers=headers)
-
-
-async def _whole_file(request: Request, state, audio_bytes, media_type: str, stats: StreamStats) -> Response:
+async def _whole_file(request: Request, state: ServerState, speech: SpeechRequest, sink: AudioSink) -> Response:
     """The whole encoded file as one response (complete headers: FLAC STREAMINFO, WAV sizes, MP3's
     Xing frame), generated under the shared rule: admission (429), deadline, cancelled on disconnect."""
-    try:
-        slot = Slot(state, "openai")
-    except Overloaded as exc:
-        return _error(exc)
     parts: list[bytes] = []
 
     async def collect() -> None:
-        async with contextlib.aclosing(audio_bytes()) as chunks:
+        async with contextlib.aclosing(state.speech.stream(speech, sink)) as chunks:
             async for data in chunks:
                 parts.append(data)
 
-    failure = await collected(request, slot, collect, stats)
-    if isinstance(failure, ClientGone):
-        return Response(status_code=499)  # nobody reads it; the generation was cancelled
+    failure = await collected(request, state, ENDPOINT, collect, error_response, sink.stats)
     if failure is not None:
-        return _error(failure)
-    return Response(b"".join(parts), media_type=media_type)
+        return failure
+    return Response(b"".join(parts), media_type=sink.media_type)

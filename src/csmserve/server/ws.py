@@ -4,8 +4,9 @@ The receive loop never waits on the model: it validates each frame, answers erro
 requests, streamed text and cancels. The send loop streams one job at a time. A cancel or a
 disconnect cancels the streaming task, which cancels generation in the worker before its next frame.
 
-Admission (auth, Origin, capacity, drain) happens here too: refused requests get an error frame and
-the close code that says why (1008 policy, 1013 try again later).
+Admission (auth, Origin, capacity, drain) is the shared socket's (:mod:`csmserve.server.socket`):
+refused requests get an error frame and the close code their error carries (1008 policy, 1013 try
+again later).
 """
 
 from __future__ import annotations
@@ -15,99 +16,66 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
+from typing import NoReturn
 
-import anyio
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from csmserve.engine import Continuation
-from csmserve.errors import CsmServeError, GenerationFailed, NotReady, Overloaded
+from csmserve.errors import CsmServeError, GenerationFailed, MessageTooLarge, Overloaded, Unauthorized
 from csmserve.logs import request_id as current_request_id
-from csmserve.pipeline import AudioOutput, StreamStats, deadline, stream_audio, synthesis_request
-from csmserve.protocol import done_event, error_event
-from csmserve.server.auth import presented_key
+from csmserve.protocol import Limits, done_event, error_event
+from csmserve.server.deadline import deadline
+from csmserve.server.socket import NORMAL, CloseConnection, Socket, admit, wait_for_child
+from csmserve.server.state import ServerState, state_of
 from csmserve.server.streaming import outcome_of
 from csmserve.session import Job, Session, failure_event
+from csmserve.speech import AudioSink, Outgoing
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-
-POLICY_VIOLATION, TRY_AGAIN_LATER, NORMAL = 1008, 1013, 1000
-
-
-async def wait_for_child(task: asyncio.Task) -> None:
-    """Wait until ``task`` ends (a cancel of it alone returns normally); cancelling the waiter cancels it too."""
-    try:
-        await asyncio.wait({task})
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-
-
-class CloseConnection(Exception):
-    """End the connection with ``code`` after what was already sent."""
-
-    def __init__(self, code: int, reason: str):
-        super().__init__(reason)
-        self.code, self.reason = code, reason
+ENDPOINT = "ws"
+#: What a socket opened while the server drains is told.
+ACCEPT_DRAINING = "the server is shutting down"
 
 
 class Connection:
-    def __init__(self, websocket: WebSocket, state, authenticated: bool):
-        self.ws = websocket
-        self.state = state
-        self.settings = state.settings
-        settings = state.settings
+    """One ``/ws/generate`` connection: its :class:`Session`, its loops, the job streaming now."""
+
+    def __init__(self, socket: Socket):
+        self.socket = socket
+        self.state: ServerState = socket.state
+        settings = self.settings = socket.settings
         self.session = Session(
-            state.limits, settings.max_pending_per_connection, settings.max_stream_chars, settings.max_contexts_per_connection
+            Limits.from_settings(settings), settings.max_pending_per_connection, settings.max_stream_chars,
+            settings.max_contexts_per_connection,
         )
         self.wake = asyncio.Event()
         self.streaming: asyncio.Task | None = None
-        self.send_lock = asyncio.Lock()
-        self.authenticated = authenticated
-        self.counted = None
+        self.counted: Job | None = None
 
     async def send_json(self, event: dict) -> None:
-        await self.send(json.dumps(event))
+        await self.socket.send_json(event)
 
-    async def send(self, item: bytes | str) -> None:
-        """Send one frame; a client that has not read for ``max_lag_s`` is closed (its stream cancelled)."""
-        async with self.send_lock:
-            try:
-                with anyio.fail_after(self.settings.max_lag_s):
-                    if isinstance(item, bytes):
-                        await self.ws.send_bytes(item)
-                    else:
-                        await self.ws.send_text(item)
-            except TimeoutError:
-                self.state.metrics.slow_clients.inc()
-                raise CloseConnection(POLICY_VIOLATION, "client reads too slowly") from None
+    async def refuse(self, error: CsmServeError, reason: str, request_id: str | None = None) -> NoReturn:
+        """Say why (an error frame), then end the connection with the code the error carries."""
+        await self.send_json(failure_event(error, request_id))
+        raise CloseConnection.because(error, reason)
 
     # -- receiving ------------------------------------------------------------------------------
     async def receive(self) -> dict:
-        busy = self.session.current is not None or self.session.pending
-        if busy:
-            return await self.ws.receive()
-        if not self.authenticated:  # a stranger gets a short deadline, not the idle timeout
-            timeout, close = self.settings.auth_timeout_s, CloseConnection(POLICY_VIOLATION, "no API key in time")
-        else:
-            timeout, close = self.settings.idle_timeout_s, CloseConnection(NORMAL, "idle timeout")
-        try:
-            with anyio.fail_after(timeout):
-                return await self.ws.receive()
-        except TimeoutError:
-            raise close from None
-
-    def key_presented(self) -> None:
-        """The connection showed a valid key after accept: it leaves the ones waiting for it."""
-        if not self.authenticated:
-            self.authenticated = True
-            self.state.unauthenticated -= 1
-
-    def release(self) -> None:
-        """The connection ended: if it was still waiting for its key, its place is free."""
-        if not self.authenticated:
-            self.authenticated = True
-            self.state.unauthenticated -= 1
+        """The next message; while nothing is queued or streaming, a stranger gets ``auth_timeout_s``
+        to send its key and a client ``idle_timeout_s``."""
+        if self.session.current is not None or self.session.pending:
+            return await self.socket.receive()
+        if not self.socket.authenticated:
+            message = await self.socket.receive(self.settings.auth_timeout_s)
+            if message is None:
+                raise CloseConnection.because(Unauthorized("no API key in time"), "no API key in time")
+            return message
+        message = await self.socket.receive(self.settings.idle_timeout_s)
+        if message is None:
+            raise CloseConnection(NORMAL, "idle timeout")
+        return message
 
     def count_disconnect(self) -> None:
         """Count the current request as ``disconnected`` (once), when its client went away or was cut."""
@@ -115,9 +83,9 @@ class Connection:
         if job is not None and job is not self.counted:
             self.counted = job
             self.state.metrics.disconnects.inc()
-            self.state.metrics.finished("ws", "disconnected")
+            self.state.metrics.finished(ENDPOINT, "disconnected")
 
-    async def authenticate(self, raw) -> bool:
+    async def authenticate(self, raw: str | bytes) -> bool:
         """The first message of a connection without a header/query key must carry ``token``.
 
         Returns whether the message was only that (``{"token": ...}``, optionally ``"type": "auth"``),
@@ -126,44 +94,29 @@ class Connection:
         with contextlib.suppress(ValueError, TypeError, RecursionError):
             data = json.loads(raw)
         token = data.get("token") if isinstance(data, dict) else None
-        if self.state.keys.valid(token if isinstance(token, str) else None):
-            self.key_presented()
+        if self.socket.accept_key(token if isinstance(token, str) else None):
             return set(data) <= {"token", "type"} and data.get("type") in (None, "auth")
-        await self.send_json(
-            error_event("unauthorized", "an API key is required: Authorization: Bearer, X-API-Key, ?token= or a token field")
+        await self.refuse(
+            Unauthorized("an API key is required: Authorization: Bearer, X-API-Key, ?token= or a token field"),
+            "unauthorized",
         )
-        raise CloseConnection(POLICY_VIOLATION, "unauthorized")
-
-    async def next_frame(self, message: dict, too_large=None) -> str | bytes | None:
-        """The payload of a received ``message``; None for a disconnect. A payload over
-        ``max_message_bytes`` is answered (``too_large(limit)`` builds the event) and also None."""
-        if message["type"] == "websocket.disconnect":
-            return None
-        raw = message.get("text")
-        if raw is None:
-            raw = message.get("bytes") or b""
-        limit = self.settings.max_message_bytes
-        size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else len(raw)  # bytes, not characters
-        if size > limit:
-            event = too_large(limit) if too_large else error_event("message_too_large", f"messages are limited to {limit} bytes")
-            await self.send_json(event)
-            return None
-        return raw
 
     async def receive_loop(self) -> None:
         while True:
             message = await self.receive()
-            raw = await self.next_frame(message)
             if message["type"] == "websocket.disconnect":
                 self.count_disconnect()
                 return
-            if raw is None:
+            try:
+                raw = self.socket.payload(message)
+            except MessageTooLarge as exc:
+                await self.send_json(failure_event(exc, None))
                 continue
-            if not self.authenticated and await self.authenticate(raw):
+            if not self.socket.authenticated and await self.authenticate(raw):
                 continue  # an auth-only message
-            if self.state.draining:
-                await self.send_json(error_event("overloaded", "the server is shutting down; reconnect to another instance"))
-                raise CloseConnection(TRY_AGAIN_LATER, "draining")
+            refusal = self.socket.refusal()
+            if refusal is not None:
+                await self.refuse(refusal, "draining")
             outcome = self.session.handle(raw, time.monotonic())
             for event in outcome.events:
                 if event.get("cancelled"):
@@ -191,7 +144,7 @@ class Connection:
                 self.session.finish()
             if task.cancelled():
                 if job.stream is None:  # a text stream's cancel was already answered by the session
-                    self.state.metrics.finished("ws", "cancelled")
+                    self.state.metrics.finished(ENDPOINT, "cancelled")
                     await self.send_json(done_event(job.request_id, cancelled=True))
             elif task.exception() is not None:
                 raise task.exception()
@@ -200,58 +153,61 @@ class Connection:
         request = job.request
         current_request_id.set(request.request_id)
         if job.final:
-            stream = job.stream
-            if stream.output is None:  # nothing was spoken on this stream
-                await self.send_json(done_event(request.request_id, context_id=stream.context_id, audio_ms=0))
-                return
-            for item in stream.output.finish():
-                await self.send(item)
-            self.state.metrics.finished("ws", "ok", stream.stats)
-            await self.send_json(
-                done_event(request.request_id, context_id=stream.context_id, **stream.stats.as_event_fields())
-            )
+            await self.end_stream(job)
             return
         try:
-            self.state.enter("ws")
+            self.state.admission.enter(ENDPOINT)
         except Overloaded as exc:
-            await self.send_json(failure_event(exc, request.request_id))
-            raise CloseConnection(TRY_AGAIN_LATER, "overloaded") from None
+            await self.refuse(exc, "overloaded", request.request_id)
         try:
             final = await self.stream(job)
         finally:
-            self.state.leave()
+            self.state.admission.leave()
         if final is not None:  # sent with the slot already free: a slow reader holds only its connection
             await self.send_json(final)
 
+    async def end_stream(self, job: Job) -> None:
+        """The end of a text stream: what its sink still holds, then its one ``done``."""
+        request, stream = job.request, job.stream
+        if stream.audio is None:  # nothing was spoken on this stream
+            await self.send_json(done_event(request.request_id, context_id=stream.context_id, audio_ms=0))
+            return
+        for item in stream.audio.finish():
+            await self.socket.send(item)
+        self.state.metrics.finished(ENDPOINT, "ok", stream.audio.stats)
+        await self.send_json(
+            done_event(request.request_id, context_id=stream.context_id, **stream.audio.stats.as_event_fields())
+        )
+
+    def prepare(self, job: Job) -> tuple[AudioSink, AsyncIterator[Outgoing]]:
+        """The sink and outgoing items of one job: a request's whole audio, or one sentence of a text
+        stream (whose sink and continuation live as long as the stream)."""
+        speech, request, stream = self.state.speech, job.request, job.stream
+        if stream is None:
+            sink = request.output_sink(speech.stats(job.received_at))
+            return sink, speech.stream(request.to_speech_request(), sink)
+        if stream.audio is None:
+            stream.audio = speech.sentences(request.output_sink(speech.stats(stream.started_at)))
+        return stream.audio.sink, stream.audio.speak(request.to_speech_request())
+
     async def stream(self, job: Job) -> dict | None:
         """Stream one job's audio; the frame that ends it (``done`` or an error), for the caller to send."""
-        request, engine, stream = job.request, self.state.engine, job.stream
-        stats = None
+        request = job.request
+        stats = None  # a request's figures; a text stream's are counted once, at its end
         try:
-            if not engine.info.ready:
-                raise NotReady()
-            if stream is None:
-                stats = StreamStats(engine.sample_rate, started=job.received_at)
-                output = AudioOutput(request, stats)
-                continuation = None
-            else:
-                if stream.output is None:
-                    stream.stats = StreamStats(engine.sample_rate, started=stream.started_at)
-                    stream.output = AudioOutput(request, stream.stats)
-                    stream.continuation = Continuation()
-                output, continuation = stream.output, stream.continuation
-            synth = synthesis_request(request, self.settings, self.state.voices, continuation)
+            sink, items = self.prepare(job)
+            if job.stream is None:
+                stats = sink.stats
             with deadline(self.settings.request_timeout_s):
-                async with contextlib.aclosing(stream_audio(engine, synth, output, finish=stream is None)) as items:
-                    async for item in items:  # closed on any exit: the engine stops generating
-                        await self.send(item)
+                async with contextlib.aclosing(items) as frames:
+                    async for item in frames:  # closed on any exit: the engine stops generating
+                        await self.socket.send(item)
         except Overloaded as exc:
-            self.state.metrics.finished("ws", "rejected")
-            await self.send_json(failure_event(exc, request.request_id))
-            raise CloseConnection(TRY_AGAIN_LATER, "overloaded") from None
+            self.state.metrics.finished(ENDPOINT, "rejected")
+            await self.refuse(exc, "overloaded", request.request_id)
         except CsmServeError as exc:
             log.warning("request failed: %s", exc.message)
-            self.state.metrics.finished("ws", outcome_of(exc), stats)
+            self.state.metrics.finished(ENDPOINT, outcome_of(exc), stats)
             return failure_event(exc, request.request_id)
         except (WebSocketDisconnect, CloseConnection):
             self.count_disconnect()
@@ -260,92 +216,33 @@ class Connection:
             raise
         except Exception:  # noqa: BLE001 - one request's failure must not end the connection
             log.exception("request failed")
-            self.state.metrics.finished("ws", "error", stats)
+            self.state.metrics.finished(ENDPOINT, "error", stats)
             return failure_event(GenerationFailed("generation failed"), request.request_id)
-        if stream is not None:
+        if job.stream is not None:
             return None  # a text stream's done comes with its end
-        self.state.metrics.finished("ws", "ok", stats)
+        self.state.metrics.finished(ENDPOINT, "ok", stats)
         extra = {"ignored_fields": list(request.ignored_fields)} if request.ignored_fields else {}
         return done_event(
-            request.request_id, **stats.as_event_fields(), sample_rate=request.sample_rate, format=request.format, **extra
+            request.request_id, **stats.as_event_fields(), sample_rate=request.sample_rate, format=request.format,
+            **extra,
         )
-
-
-async def admit(websocket: WebSocket, state) -> bool | None:
-    """Check Origin and a header/query key before accepting. None: refused (403 before accept);
-    True: authenticated; False: the first message must carry the token."""
-    allowed = state.settings.allowed_origins
-    origin = websocket.headers.get("origin")
-    if allowed and origin not in allowed:
-        log.warning("refused WebSocket from origin %r", origin)
-        await websocket.close(POLICY_VIOLATION)
-        return None
-    if not state.keys.enabled:
-        return True
-    key = presented_key(websocket)
-    if key is None:
-        return False
-    if not state.keys.valid(key):
-        await websocket.close(POLICY_VIOLATION)
-        return None
-    return True
 
 
 @router.websocket("/ws/generate")
 async def ws_generate(websocket: WebSocket) -> None:
-    state = websocket.app.state.csm
+    state = state_of(websocket)
     authenticated = await admit(websocket, state)
     if authenticated is None:
         return
     await websocket.accept()
-    if state.draining:
-        await websocket.send_text(json.dumps(error_event("overloaded", "the server is shutting down")))
-        await websocket.close(TRY_AGAIN_LATER, "draining")
-        return
-    if not authenticated and not wait_for_key(state):
-        await websocket.send_text(json.dumps(error_event("overloaded", WAITING_ROOM_FULL)))
-        await websocket.close(TRY_AGAIN_LATER, "too many unauthenticated connections")
-        return
-    connection = Connection(websocket, state, authenticated)
-    try:
-        await serve(connection)
-    finally:
-        connection.release()
-
-
-WAITING_ROOM_FULL = "too many connections are waiting to authenticate"
-
-
-def wait_for_key(state) -> bool:
-    """Count an accepted connection without a key among those waiting for it; False (refuse it with
-    1013) when ``max_unauthenticated`` already wait. The :class:`Connection` gives the place back."""
-    if state.unauthenticated >= state.settings.max_unauthenticated:
-        return False
-    state.unauthenticated += 1
-    return True
-
-
-async def serve(connection: Connection) -> None:
-    """Run a connection's two loops until one ends; close with the code it asked for."""
-    websocket = connection.ws
-    receiver = asyncio.create_task(connection.receive_loop())
-    sender = asyncio.create_task(connection.send_loop())
-    close = None
-    try:
-        done, _ = await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            exc = task.exception()
-            if isinstance(exc, CloseConnection):
-                close = exc
-            elif exc is not None and not isinstance(exc, WebSocketDisconnect):
-                log.warning("connection ended: %r", exc)
-    finally:
-        for task in (receiver, sender, connection.streaming):
-            if task is not None:
-                task.cancel()
-        for task in (receiver, sender):
-            with contextlib.suppress(BaseException):
-                await task
-        if close is not None:
-            with contextlib.suppress(Exception):
-                await websocket.close(close.code, close.reason)
+    socket = Socket(websocket, state, authenticated)
+    refusals = ((socket.refusal(ACCEPT_DRAINING), "draining"), (socket.wait_for_key(), "too many unauthenticated connections"))
+    for refusal, reason in refusals:
+        if refusal is not None:
+            await websocket.send_text(json.dumps(failure_event(refusal, None)))
+            await websocket.close(refusal.ws_close_code, reason)
+            return
+    connection = Connection(socket)
+    await socket.serve(
+        [connection.receive_loop(), connection.send_loop()], children=lambda: [connection.streaming]
+    )
