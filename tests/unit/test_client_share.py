@@ -10,9 +10,9 @@ import logging
 
 from csmserve.engine import Capacity
 from csmserve.logs import ContextFilter, RateLimit, clean_id, redact, request_id
-from csmserve.protocol import Limits
+from csmserve.api.seed.messages import Limits
 from csmserve.server.watchdog import Watchdog
-from csmserve.session import Session
+from csmserve.api.seed.session import Session
 
 
 def text(context_id: str, fragment: str) -> str:

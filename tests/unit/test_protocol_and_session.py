@@ -7,8 +7,8 @@ import json
 import pytest
 
 from csmserve.errors import InvalidRequest
-from csmserve.protocol import CancelMessage, GenerateRequest, Limits, parse_client_message
-from csmserve.session import Session
+from csmserve.api.seed.messages import CancelMessage, GenerateRequest, Limits, parse_client_message
+from csmserve.api.seed.session import Session
 
 LIMITS = Limits()
 

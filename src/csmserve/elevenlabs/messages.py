@@ -29,11 +29,13 @@ from typing import Any
 
 from csmserve.elevenlabs.formats import OutputFormat, parse_output_format
 from csmserve.errors import InvalidRequest
-from csmserve.protocol import parse_json_object
+from csmserve.server.payload import json_object
 from csmserve.speech import SpeechRequest, Turn
 from csmserve.speech.voices import VoiceChoice
 
 DEFAULT_CONTEXT = "default"
+#: A valid message, shown in errors about messages that are not one.
+EXAMPLE = '{"text": "Hello ", "context_id": "c1"}'
 MAX_CONTEXT_ID = 128
 TEXT_NORMALIZATION = ("auto", "on", "off")
 #: What the ElevenLabs reference says a client may send; other fields are refused as unknown.
@@ -171,7 +173,7 @@ def parse_message(raw: str | bytes | None, max_text_chars: int) -> ClientMessage
     """One client frame as a typed message, or :class:`InvalidRequest` saying what is wrong."""
     if not isinstance(raw, str):
         raise InvalidRequest('expected a JSON text frame such as {"text": "Hello ", "context_id": "c1"}, got binary data')
-    data = parse_json_object(raw)
+    data = json_object(raw, EXAMPLE)
     unknown = sorted(set(data) - KNOWN_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field {unknown[0][:40]!r}; see ElevenLabs' WebSocket reference for the fields")
@@ -198,7 +200,7 @@ def parse_message(raw: str | bytes | None, max_text_chars: int) -> ClientMessage
 def key_of(raw: str | bytes | None) -> str | None:
     """The API key a first message carries (``xi_api_key``, ``xi-api-key``, ``authorization``), if any."""
     try:
-        data = parse_json_object(raw)
+        data = json_object(raw, EXAMPLE)
     except InvalidRequest:
         return None
     for name in ("xi_api_key", "xi-api-key"):

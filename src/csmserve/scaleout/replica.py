@@ -42,7 +42,7 @@ class ReplicaStamp:
                 message = {**message, "headers": [*message.get("headers", ()), self.header]}
             elif kind == "websocket.send":
                 text = message.get("text")
-                # Every frame that ends a request is built by protocol.done_event / error_event.
+                # Every frame that ends a request is built by the seed API's done_event / error_event.
                 if text is not None and text.startswith('{"done"'):
                     event = json.loads(text)
                     event["replica"] = self.replica

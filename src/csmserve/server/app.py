@@ -111,11 +111,11 @@ def build_app(state: ServerState, on_load_failed: Callable[[CsmServeError], None
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_error_response(exc)
 
-    from csmserve.server import demo, elevenlabs_http, elevenlabs_ws, health, openai_api, rest, voices_api, ws
+    from csmserve.api.seed import routes as seed
+    from csmserve.server import demo, elevenlabs_http, elevenlabs_ws, health, openai_api, voices_api
 
     app.include_router(health.router)
-    app.include_router(rest.router)
-    app.include_router(ws.router)
+    app.include_router(seed.router)
     app.include_router(voices_api.router)
     app.include_router(openai_api.router)
     app.include_router(elevenlabs_ws.router)

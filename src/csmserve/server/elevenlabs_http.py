@@ -29,7 +29,7 @@ from csmserve.elevenlabs.text import http_alignment
 from csmserve.elevenlabs.voices import voice_not_found, voice_of
 from csmserve.errors import CsmServeError, InvalidRequest, NotReady, Overloaded
 from csmserve.logs import request_id
-from csmserve.protocol import parse_json_object
+from csmserve.server.payload import json_object
 from csmserve.server.state import ServerState, state_of
 from csmserve.server.streaming import collected, guarded_stream
 from csmserve.speech import Turn
@@ -37,6 +37,8 @@ from csmserve.speech.voices import VoiceChoice, speaker_of
 from csmserve.text.sentences import split_sentences
 
 ENDPOINT = "elevenlabs"
+#: A valid body, shown in errors about bodies that are not one.
+EXAMPLE = '{"text": "Hello there."}'
 router = APIRouter(prefix="/v1/text-to-speech")
 
 #: A piece of the output: encoded bytes, and after each sentence its (text, start ms, duration ms).
@@ -110,7 +112,7 @@ async def parse(request: Request, voice_id: str) -> Speech | JSONResponse:
     if latency is not None and latency not in ("0", "1", "2", "3", "4"):
         return invalid_field("query", "optimize_streaming_latency", "must be an integer from 0 to 4")
     try:
-        body = parse_json_object((await request.body()).decode("utf-8", errors="replace"))
+        body = json_object((await request.body()).decode("utf-8", errors="replace"), EXAMPLE)
     except InvalidRequest as exc:
         return invalid_field("body", "text", exc.message)
     text = body.get("text")

@@ -6,7 +6,7 @@ has a :class:`ContextRunner` task that speaks its sentences in order as one cont
 so contexts on one socket generate concurrently. Barge-in cancels a runner's current generation,
 which stops the engine before its next frame.
 
-The rules of ``/ws/generate`` apply, from the same code (:mod:`csmserve.server.socket`): Origin and key
+The rules of ``/ws/generate`` apply, from the same code (:mod:`csmserve.server.ws`): Origin and key
 checks (``admit``; the key may also come as the ``xi-api-key`` header, the ``authorization`` query
 parameter or the first message's ``xi_api_key``); a socket without one must send it within
 ``auth_timeout_s``, and at most ``max_unauthenticated`` wait; one admission slot per generating
@@ -46,7 +46,7 @@ from csmserve.errors import CsmServeError, GenerationFailed, InvalidRequest, Mes
 from csmserve.logs import clean_id
 from csmserve.logs import request_id as current_request_id
 from csmserve.server.deadline import deadline
-from csmserve.server.socket import NORMAL, POLICY_VIOLATION, CloseConnection, Socket, admit, wait_for_child
+from csmserve.server.ws import NORMAL, POLICY_VIOLATION, CloseConnection, Socket, accept, wait_for_child
 from csmserve.server.state import ServerState, state_of
 from csmserve.server.streaming import outcome_of
 from csmserve.speech import SentenceStream
@@ -291,11 +291,9 @@ class ElevenLabsConnection:
 
 async def serve(websocket: WebSocket, voice_id: str, multi: bool) -> None:
     state = state_of(websocket)
-    authenticated = await admit(websocket, state)
-    if authenticated is None:
+    socket = await accept(websocket, state)
+    if socket is None:
         return
-    await websocket.accept()
-    socket = Socket(websocket, state, authenticated)
 
     async def refuse(error: str, message: str, code: int) -> None:
         await websocket.send_text(json.dumps(error_message(error, message, code)))
@@ -304,7 +302,7 @@ async def serve(websocket: WebSocket, voice_id: str, multi: bool) -> None:
     draining = socket.refusal("the server is shutting down")
     if draining is not None:
         return await refuse("overloaded", draining.message, draining.ws_close_code)
-    if not authenticated and "authorization" in websocket.query_params:
+    if not socket.authenticated and "authorization" in websocket.query_params:
         # ElevenLabs' documented query parameter (a browser cannot set headers): "Bearer <key>" or the key.
         if not socket.accept_key(key_of_authorization(websocket.query_params["authorization"])):
             return await refuse("invalid_api_key", "the API key is not valid", Unauthorized.ws_close_code)

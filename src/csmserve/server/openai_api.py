@@ -22,7 +22,8 @@ from fastapi.responses import JSONResponse, Response
 from csmserve.audio.containers import RESPONSE_FORMATS, make_container_encoder
 from csmserve.errors import CsmServeError, InvalidRequest, Overloaded
 from csmserve.logs import request_id
-from csmserve.protocol import Limits, parse_json_object, parse_options
+from csmserve.api.seed.messages import Limits, parse_options
+from csmserve.server.payload import json_object
 from csmserve.server.state import ServerState, state_of
 from csmserve.server.streaming import collected, guarded_stream
 from csmserve.speech import AudioSink, SpeechRequest
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
 ENDPOINT = "openai"
 
+#: A valid body, shown in errors about bodies that are not one.
+EXAMPLE = '{"model": "tts-1", "input": "Hello", "voice": "alloy"}'
 MODEL_IDS = ("csm-1b", "sesame/csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 
 
@@ -96,7 +99,7 @@ async def models() -> dict:
 async def speech(request: Request):
     state = state_of(request)
     try:
-        body = parse_json_object((await request.body()).decode("utf-8", errors="replace"))
+        body = json_object((await request.body()).decode("utf-8", errors="replace"), EXAMPLE)
     except InvalidRequest as exc:
         return openai_error(400, exc.message)
     model = body.get("model")

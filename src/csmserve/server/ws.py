@@ -1,12 +1,15 @@
-"""``/ws/generate``: a receive loop and a send loop per connection, over :class:`Session`.
+"""The rule every WebSocket route shares, without a protocol: a :class:`Socket` each API composes.
 
-The receive loop never waits on the model: it validates each frame, answers errors at once, queues
-requests, streamed text and cancels. The send loop streams one job at a time. A cancel or a
-disconnect cancels the streaming task, which cancels generation in the worker before its next frame.
+* Before accept (:func:`admit`, :func:`accept`): the Origin and a header/query key; a refused socket is closed 1008.
+* After accept: a socket without a key takes a place in the waiting room (:meth:`Socket.wait_for_key`,
+  at most ``max_unauthenticated``) until it shows one; a draining server refuses new work.
+* Sending (:meth:`Socket.send`): a client that has not read for ``max_lag_s`` is cut
+  (:class:`~csmserve.errors.ClientTooSlow`), which cancels its generation.
+* Receiving: frames bounded in bytes (:meth:`Socket.payload`), deadlines the protocol chooses.
+* Running (:meth:`Socket.serve`): the connection's loops until one ends, then every child task is
+  cancelled (generation stops before its next frame) and the socket closes with the code it asked for.
 
-Admission (auth, Origin, capacity, drain) is the shared socket's (:mod:`csmserve.server.socket`):
-refused requests get an error frame and the close code their error carries (1008 policy, 1013 try
-again later).
+Each API renders refusals in its own message shape; the close codes come from the error types.
 """
 
 from __future__ import annotations
@@ -15,234 +18,189 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
-from collections.abc import AsyncIterator
-from typing import NoReturn
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+import anyio
+from fastapi import WebSocket, WebSocketDisconnect
 
-from csmserve.errors import CsmServeError, GenerationFailed, MessageTooLarge, Overloaded, Unauthorized
-from csmserve.logs import request_id as current_request_id
-from csmserve.protocol import Limits, done_event, error_event
-from csmserve.server.deadline import deadline
-from csmserve.server.socket import NORMAL, CloseConnection, Socket, admit, wait_for_child
-from csmserve.server.state import ServerState, state_of
-from csmserve.server.streaming import outcome_of
-from csmserve.session import Job, Session, failure_event
-from csmserve.speech import AudioSink, Outgoing
+from csmserve.errors import ClientTooSlow, CsmServeError, MessageTooLarge, Overloaded, Unauthorized
+from csmserve.server.admission import SHUTTING_DOWN, WAITING_ROOM_FULL
+from csmserve.server.auth import presented_key
+from csmserve.server.state import ServerState
 
 log = logging.getLogger(__name__)
-router = APIRouter()
-ENDPOINT = "ws"
-#: What a socket opened while the server drains is told.
-ACCEPT_DRAINING = "the server is shutting down"
+
+#: Close codes that no error type carries: a normal end (idle, the client's close) and a refusal before accept.
+NORMAL, POLICY_VIOLATION = 1000, Unauthorized.ws_close_code
 
 
-class Connection:
-    """One ``/ws/generate`` connection: its :class:`Session`, its loops, the job streaming now."""
+class CloseConnection(Exception):
+    """End the connection with ``code`` after what was already sent."""
 
-    def __init__(self, socket: Socket):
-        self.socket = socket
-        self.state: ServerState = socket.state
-        settings = self.settings = socket.settings
-        self.session = Session(
-            Limits.from_settings(settings), settings.max_pending_per_connection, settings.max_stream_chars,
-            settings.max_contexts_per_connection,
-        )
-        self.wake = asyncio.Event()
-        self.streaming: asyncio.Task | None = None
-        self.counted: Job | None = None
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
 
-    async def send_json(self, event: dict) -> None:
-        await self.socket.send_json(event)
-
-    async def refuse(self, error: CsmServeError, reason: str, request_id: str | None = None) -> NoReturn:
-        """Say why (an error frame), then end the connection with the code the error carries."""
-        await self.send_json(failure_event(error, request_id))
-        raise CloseConnection.because(error, reason)
-
-    # -- receiving ------------------------------------------------------------------------------
-    async def receive(self) -> dict:
-        """The next message; while nothing is queued or streaming, a stranger gets ``auth_timeout_s``
-        to send its key and a client ``idle_timeout_s``."""
-        if self.session.current is not None or self.session.pending:
-            return await self.socket.receive()
-        if not self.socket.authenticated:
-            message = await self.socket.receive(self.settings.auth_timeout_s)
-            if message is None:
-                raise CloseConnection.because(Unauthorized("no API key in time"), "no API key in time")
-            return message
-        message = await self.socket.receive(self.settings.idle_timeout_s)
-        if message is None:
-            raise CloseConnection(NORMAL, "idle timeout")
-        return message
-
-    def count_disconnect(self) -> None:
-        """Count the current request as ``disconnected`` (once), when its client went away or was cut."""
-        job = self.session.current
-        if job is not None and job is not self.counted:
-            self.counted = job
-            self.state.metrics.disconnects.inc()
-            self.state.metrics.finished(ENDPOINT, "disconnected")
-
-    async def authenticate(self, raw: str | bytes) -> bool:
-        """The first message of a connection without a header/query key must carry ``token``.
-
-        Returns whether the message was only that (``{"token": ...}``, optionally ``"type": "auth"``),
-        so that it is not also handled as a request."""
-        data = None
-        with contextlib.suppress(ValueError, TypeError, RecursionError):
-            data = json.loads(raw)
-        token = data.get("token") if isinstance(data, dict) else None
-        if self.socket.accept_key(token if isinstance(token, str) else None):
-            return set(data) <= {"token", "type"} and data.get("type") in (None, "auth")
-        await self.refuse(
-            Unauthorized("an API key is required: Authorization: Bearer, X-API-Key, ?token= or a token field"),
-            "unauthorized",
-        )
-
-    async def receive_loop(self) -> None:
-        while True:
-            message = await self.receive()
-            if message["type"] == "websocket.disconnect":
-                self.count_disconnect()
-                return
-            try:
-                raw = self.socket.payload(message)
-            except MessageTooLarge as exc:
-                await self.send_json(failure_event(exc, None))
-                continue
-            if not self.socket.authenticated and await self.authenticate(raw):
-                continue  # an auth-only message
-            refusal = self.socket.refusal()
-            if refusal is not None:
-                await self.refuse(refusal, "draining")
-            outcome = self.session.handle(raw, time.monotonic())
-            for event in outcome.events:
-                if event.get("cancelled"):
-                    self.state.metrics.cancellations.inc()
-                await self.send_json(event)
-            if outcome.cancel_current and self.streaming is not None:
-                if self.session.current is not None and self.session.current.stream is None:
-                    self.state.metrics.cancellations.inc()
-                self.streaming.cancel()
-            self.wake.set()
-
-    # -- sending --------------------------------------------------------------------------------
-    async def send_loop(self) -> None:
-        while True:
-            job = self.session.next_job()
-            if job is None:
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            task = self.streaming = asyncio.create_task(self.run(job))
-            try:
-                await wait_for_child(task)
-            finally:
-                self.streaming = None
-                self.session.finish()
-            if task.cancelled():
-                if job.stream is None:  # a text stream's cancel was already answered by the session
-                    self.state.metrics.finished(ENDPOINT, "cancelled")
-                    await self.send_json(done_event(job.request_id, cancelled=True))
-            elif task.exception() is not None:
-                raise task.exception()
-
-    async def run(self, job: Job) -> None:
-        request = job.request
-        current_request_id.set(request.request_id)
-        if job.final:
-            await self.end_stream(job)
-            return
-        try:
-            self.state.admission.enter(ENDPOINT)
-        except Overloaded as exc:
-            await self.refuse(exc, "overloaded", request.request_id)
-        try:
-            final = await self.stream(job)
-        finally:
-            self.state.admission.leave()
-        if final is not None:  # sent with the slot already free: a slow reader holds only its connection
-            await self.send_json(final)
-
-    async def end_stream(self, job: Job) -> None:
-        """The end of a text stream: what its sink still holds, then its one ``done``."""
-        request, stream = job.request, job.stream
-        if stream.audio is None:  # nothing was spoken on this stream
-            await self.send_json(done_event(request.request_id, context_id=stream.context_id, audio_ms=0))
-            return
-        for item in stream.audio.finish():
-            await self.socket.send(item)
-        self.state.metrics.finished(ENDPOINT, "ok", stream.audio.stats)
-        await self.send_json(
-            done_event(request.request_id, context_id=stream.context_id, **stream.audio.stats.as_event_fields())
-        )
-
-    def prepare(self, job: Job) -> tuple[AudioSink, AsyncIterator[Outgoing]]:
-        """The sink and outgoing items of one job: a request's whole audio, or one sentence of a text
-        stream (whose sink and continuation live as long as the stream)."""
-        speech, request, stream = self.state.speech, job.request, job.stream
-        if stream is None:
-            sink = request.output_sink(speech.stats(job.received_at))
-            return sink, speech.stream(request.to_speech_request(), sink)
-        if stream.audio is None:
-            stream.audio = speech.sentences(request.output_sink(speech.stats(stream.started_at)))
-        return stream.audio.sink, stream.audio.speak(request.to_speech_request())
-
-    async def stream(self, job: Job) -> dict | None:
-        """Stream one job's audio; the frame that ends it (``done`` or an error), for the caller to send."""
-        request = job.request
-        stats = None  # a request's figures; a text stream's are counted once, at its end
-        try:
-            sink, items = self.prepare(job)
-            if job.stream is None:
-                stats = sink.stats
-            with deadline(self.settings.request_timeout_s):
-                async with contextlib.aclosing(items) as frames:
-                    async for item in frames:  # closed on any exit: the engine stops generating
-                        await self.socket.send(item)
-        except Overloaded as exc:
-            self.state.metrics.finished(ENDPOINT, "rejected")
-            await self.refuse(exc, "overloaded", request.request_id)
-        except CsmServeError as exc:
-            log.warning("request failed: %s", exc.message)
-            self.state.metrics.finished(ENDPOINT, outcome_of(exc), stats)
-            return failure_event(exc, request.request_id)
-        except (WebSocketDisconnect, CloseConnection):
-            self.count_disconnect()
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - one request's failure must not end the connection
-            log.exception("request failed")
-            self.state.metrics.finished(ENDPOINT, "error", stats)
-            return failure_event(GenerationFailed("generation failed"), request.request_id)
-        if job.stream is not None:
-            return None  # a text stream's done comes with its end
-        self.state.metrics.finished(ENDPOINT, "ok", stats)
-        extra = {"ignored_fields": list(request.ignored_fields)} if request.ignored_fields else {}
-        return done_event(
-            request.request_id, **stats.as_event_fields(), sample_rate=request.sample_rate, format=request.format,
-            **extra,
-        )
+    @classmethod
+    def because(cls, error: CsmServeError, reason: str) -> CloseConnection:
+        """Close with the code ``error`` carries (1013 overloaded, 1008 unauthorized or too slow)."""
+        return cls(error.ws_close_code, reason)
 
 
-@router.websocket("/ws/generate")
-async def ws_generate(websocket: WebSocket) -> None:
-    state = state_of(websocket)
+async def wait_for_child(task: asyncio.Task) -> None:
+    """Wait until ``task`` ends (a cancel of it alone returns normally); cancelling the waiter cancels it too."""
+    try:
+        await asyncio.wait({task})
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+
+
+async def admit(websocket: WebSocket, state: ServerState) -> bool | None:
+    """Check Origin and a header/query key before accepting. None: refused (403 before accept);
+    True: authenticated; False: the key must come in a message."""
+    allowed = state.settings.allowed_origins
+    origin = websocket.headers.get("origin")
+    if allowed and origin not in allowed:
+        log.warning("refused WebSocket from origin %r", origin)
+        await websocket.close(POLICY_VIOLATION)
+        return None
+    if not state.keys.enabled:
+        return True
+    key = presented_key(websocket)
+    if key is None:
+        return False
+    if not state.keys.valid(key):
+        await websocket.close(POLICY_VIOLATION)
+        return None
+    return True
+
+
+async def accept(websocket: WebSocket, state: ServerState) -> Socket | None:
+    """Admit (:func:`admit`) and accept ``websocket``: its :class:`Socket`, or None when it was refused."""
     authenticated = await admit(websocket, state)
     if authenticated is None:
-        return
+        return None
     await websocket.accept()
-    socket = Socket(websocket, state, authenticated)
-    refusals = ((socket.refusal(ACCEPT_DRAINING), "draining"), (socket.wait_for_key(), "too many unauthenticated connections"))
-    for refusal, reason in refusals:
-        if refusal is not None:
-            await websocket.send_text(json.dumps(failure_event(refusal, None)))
-            await websocket.close(refusal.ws_close_code, reason)
-            return
-    connection = Connection(socket)
-    await socket.serve(
-        [connection.receive_loop(), connection.send_loop()], children=lambda: [connection.streaming]
-    )
+    return Socket(websocket, state, authenticated)
+
+
+class Socket:
+    """One accepted WebSocket: lag-limited sends, bounded frames, the waiting room, the loops."""
+
+    def __init__(self, websocket: WebSocket, state: ServerState, authenticated: bool):
+        self.ws = websocket
+        self.state = state
+        self.settings = state.settings
+        self.authenticated = authenticated
+        self.send_lock = asyncio.Lock()
+        #: The first failure a child task reported (:meth:`fail`); it ends the connection.
+        self.failure: BaseException | None = None
+        self._waiting = False  # holds a place in the waiting room
+        self._loops: list[asyncio.Task] = []
+
+    # -- admission ----------------------------------------------------------------------------------
+    def refusal(self, message: str = SHUTTING_DOWN) -> Overloaded | None:
+        """Why new work is refused now (the server is draining: ``message``), or None."""
+        return Overloaded(message) if self.state.admission.draining else None
+
+    def wait_for_key(self) -> Overloaded | None:
+        """A socket without a key takes a place in the waiting room; the error when it is full."""
+        if self.authenticated or self._waiting:
+            return None
+        if not self.state.admission.wait_for_key():
+            return Overloaded(WAITING_ROOM_FULL)
+        self._waiting = True
+        return None
+
+    def accept_key(self, key: str | None) -> bool:
+        """Whether ``key`` (from a message) is valid; if so the socket leaves the waiting room."""
+        if not self.state.keys.valid(key):
+            return False
+        self.authenticated = True
+        self.release()
+        return True
+
+    def release(self) -> None:
+        """Give back the socket's place in the waiting room, if it holds one."""
+        if self._waiting:
+            self._waiting = False
+            self.state.admission.key_given()
+
+    # -- sending ------------------------------------------------------------------------------------
+    async def send_json(self, event: dict) -> None:
+        await self.send(json.dumps(event))
+
+    async def send(self, item: bytes | str) -> None:
+        """Send one frame; a client that has not read for ``max_lag_s`` is closed (its stream cancelled)."""
+        async with self.send_lock:
+            try:
+                with anyio.fail_after(self.settings.max_lag_s):
+                    if isinstance(item, bytes):
+                        await self.ws.send_bytes(item)
+                    else:
+                        await self.ws.send_text(item)
+            except TimeoutError:
+                self.state.metrics.slow_clients.inc()
+                raise CloseConnection.because(ClientTooSlow("client reads too slowly"), "client reads too slowly") from None
+
+    # -- receiving ----------------------------------------------------------------------------------
+    async def receive(self, timeout_s: float | None = None) -> dict | None:
+        """The next ASGI message (``websocket.receive`` or ``websocket.disconnect``); None when none
+        came within ``timeout_s``."""
+        if timeout_s is None:
+            return await self.ws.receive()
+        try:
+            with anyio.fail_after(timeout_s):
+                return await self.ws.receive()
+        except TimeoutError:
+            return None
+
+    def payload(self, message: dict) -> str | bytes:
+        """The payload of a received frame. Raises :class:`MessageTooLarge` past ``max_message_bytes``
+        (counted in bytes, not characters); the connection stays usable."""
+        raw = message.get("text")
+        if raw is None:
+            raw = message.get("bytes") or b""
+        limit = self.settings.max_message_bytes
+        size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else len(raw)
+        if size > limit:
+            raise MessageTooLarge(f"messages are limited to {limit} bytes")
+        return raw
+
+    # -- running ------------------------------------------------------------------------------------
+    def fail(self, exc: BaseException) -> None:
+        """A child task failed in a way that ends the connection (a slow client, an overload)."""
+        if self.failure is None:
+            self.failure = exc
+        for task in self._loops:
+            task.cancel()
+
+    async def serve(
+        self, loops: Iterable[Coroutine[Any, Any, None]], children: Callable[[], Iterable[asyncio.Task | None]] = tuple
+    ) -> None:
+        """Run the connection's loops until one ends (or :meth:`fail`); then cancel them and the tasks
+        ``children()`` names (asked first, so the protocol can count what was still in flight), and
+        close with the code a :class:`CloseConnection` asked for."""
+        tasks = self._loops = [asyncio.create_task(loop) for loop in loops]
+        close = None
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            ended = [self.failure] if self.failure is not None else [t.exception() for t in done if not t.cancelled()]
+            for exc in ended:
+                if isinstance(exc, CloseConnection):
+                    close = exc
+                elif exc is not None and not isinstance(exc, WebSocketDisconnect):
+                    log.warning("connection ended: %r", exc)
+        finally:
+            self.release()
+            everything = [*tasks, *(t for t in children() if t is not None)]
+            for task in everything:
+                task.cancel()
+            for task in everything:
+                with contextlib.suppress(BaseException):
+                    await task
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await self.ws.close(close.code, close.reason)

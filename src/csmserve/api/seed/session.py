@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from csmserve.errors import CsmServeError, InvalidRequest
-from csmserve.protocol import (
+from csmserve.api.seed.messages import (
     CancelMessage,
     FlushMessage,
     GenerateRequest,

@@ -36,6 +36,7 @@ from csmserve.audio.formats import make_encoder
 from csmserve.audio.telephony import TelnyxFramer, TwilioFramer
 from csmserve.config import Settings
 from csmserve.errors import InvalidRequest
+from csmserve.server.payload import json_object
 from csmserve.speech import AudioSink, SpeechRequest, StreamStats, Turn as SpeechTurn
 from csmserve.speech.sink import AsCallMessages, InChunks, Packer
 
@@ -62,6 +63,8 @@ OPTION_FIELDS = (
     "context",
 )
 KNOWN_FIELDS = {"type", "text", "context_id", "token", *OPTION_FIELDS}
+#: A valid message, shown in errors about messages that are not one.
+EXAMPLE = '{"text": "Hello", "speaker_id": 0}'
 
 
 @dataclass(frozen=True)
@@ -212,21 +215,7 @@ def _id_field(data: dict, name: str) -> str | None:
 
 def parse_json_object(raw: str | bytes | None) -> dict:
     """Decode one text frame into a JSON object, or raise :class:`InvalidRequest`."""
-    if raw is None or isinstance(raw, (bytes, bytearray)):
-        raise InvalidRequest(
-            'expected a JSON text frame such as {"text": "Hello", "speaker_id": 0}, got binary data'
-        )
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an int of over 4300 digits
-        raise InvalidRequest(f"message is not valid JSON: {str(exc)[:200]}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest('message must be a JSON object such as {"text": "Hello", "speaker_id": 0}')
-    try:  # "\ud800" escapes decode to lone surrogates, which no tokenizer or UTF-8 writer accepts
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidRequest("message contains invalid Unicode (a lone surrogate escape such as \\ud800)") from None
-    return data
+    return json_object(raw, EXAMPLE)
 
 
 def _text(data: dict, limits: Limits, *, allow_empty: bool = False) -> str:
