@@ -8,10 +8,10 @@ import av
 import numpy as np
 import pytest
 
-from csmserve.elevenlabs.formats import OUTPUT_FORMATS, output_sink, parse_output_format
-from csmserve.elevenlabs.messages import CloseContext, CloseSocket, TextInput, key_of, parse_message, parse_query
-from csmserve.elevenlabs.session import ContextSession
-from csmserve.elevenlabs.text import ContextText, http_alignment, spread_timings, ws_alignment
+from csmserve.api.elevenlabs.formats import OUTPUT_FORMATS, output_sink, parse_output_format
+from csmserve.api.elevenlabs.messages import CloseContext, CloseSocket, TextInput, key_of, parse_message, parse_query
+from csmserve.api.elevenlabs.session import ContextSession
+from csmserve.api.elevenlabs.text import ContextText, http_alignment, spread_timings, ws_alignment
 from csmserve.errors import InvalidRequest
 from csmserve.speech import StreamStats
 from csmserve.text.sentences import split_sentences
@@ -86,9 +86,9 @@ def test_query_parameters_are_validated_and_defaulted():
 def test_client_messages_parse_to_types():
     """Each documented message shape becomes its typed message."""
     opening = parse_message('{"text": " ", "context_id": "c", "generation_config": {"chunk_length_schedule": [50, 90]}}', 100)
-    assert opening == TextInput("c", " ", schedule=(50, 90))
-    assert parse_message('{"context_id": "c", "flush": true}', 100) == TextInput("c", "", flush=True)
-    assert parse_message('{"context_id": "c", "close_context": true}', 100) == CloseContext("c")
+    assert opening == TextInput(context_id="c", text=" ", schedule=(50, 90))
+    assert parse_message('{"context_id": "c", "flush": true}', 100) == TextInput(context_id="c", text="", flush=True)
+    assert parse_message('{"context_id": "c", "close_context": true}', 100) == CloseContext(context_id="c")
     assert parse_message('{"close_socket": true}', 100) == CloseSocket()
     with pytest.raises(InvalidRequest, match="limit is 10"):
         parse_message('{"text": "' + "x" * 11 + '"}', 10)

@@ -111,16 +111,17 @@ def build_app(state: ServerState, on_load_failed: Callable[[CsmServeError], None
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_error_response(exc)
 
+    from csmserve.api.elevenlabs import routes as elevenlabs
     from csmserve.api.openai import routes as openai
     from csmserve.api.seed import routes as seed
-    from csmserve.server import demo, elevenlabs_http, elevenlabs_ws, health, voices_api
+    from csmserve.api.voices import routes as voices
+    from csmserve.server import demo, health
 
     app.include_router(health.router)
     app.include_router(seed.router)
-    app.include_router(voices_api.router)
+    app.include_router(voices.router)
     app.include_router(openai.router)
-    app.include_router(elevenlabs_ws.router)
-    app.include_router(elevenlabs_http.router)
+    app.include_router(elevenlabs.router)
     app.include_router(demo.router)
     return app
 

@@ -27,7 +27,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from csmserve.elevenlabs.formats import OutputFormat, parse_output_format
+from pydantic import BaseModel, ConfigDict
+
+from csmserve.api.elevenlabs.formats import OutputFormat, parse_output_format
 from csmserve.errors import InvalidRequest
 from csmserve.server.payload import json_object
 from csmserve.speech import SpeechRequest, Turn
@@ -107,9 +109,12 @@ def parse_query(params: Mapping[str, str]) -> StreamSettings:
 
 
 # -- client messages ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TextInput:
+# ElevenLabs' messages carry no type tag (flags tell them apart), so parse_message, not a TypeAdapter,
+# decides which one a frame is; each is still one pydantic type.
+class TextInput(BaseModel):
     """Text for a context (``text`` may be " ", the context's opening, or "", a keep-alive)."""
+
+    model_config = ConfigDict(frozen=True)
 
     context_id: str | None
     text: str
@@ -119,14 +124,14 @@ class TextInput:
     schedule: tuple[int, ...] | None = None
 
 
-@dataclass(frozen=True)
-class CloseContext:
+class CloseContext(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     context_id: str
 
 
-@dataclass(frozen=True)
-class CloseSocket:
-    pass
+class CloseSocket(BaseModel):
+    model_config = ConfigDict(frozen=True)
 
 
 ClientMessage = TextInput | CloseContext | CloseSocket
@@ -185,7 +190,7 @@ def parse_message(raw: str | bytes | None, max_text_chars: int) -> ClientMessage
     if _flag(data, "close_context"):
         if context_id is None:
             raise InvalidRequest("close_context needs the context_id to close")
-        return CloseContext(context_id)
+        return CloseContext(context_id=context_id)
     flush = _flag(data, "flush")
     if "text" not in data and not flush:
         raise InvalidRequest("a message needs text (\" \" opens a context, \"\" keeps it alive), flush, close_context or close_socket")
@@ -194,7 +199,10 @@ def parse_message(raw: str | bytes | None, max_text_chars: int) -> ClientMessage
         raise InvalidRequest("text must be a string")
     if len(text) > max_text_chars:
         raise InvalidRequest(f"text is {len(text)} characters; the limit is {max_text_chars}")
-    return TextInput(context_id, text, flush, _flag(data, "try_trigger_generation"), _schedule(data))
+    return TextInput(
+        context_id=context_id, text=text, flush=flush, try_trigger=_flag(data, "try_trigger_generation"),
+        schedule=_schedule(data),
+    )
 
 
 def key_of(raw: str | bytes | None) -> str | None:

@@ -23,10 +23,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from csmserve.elevenlabs.formats import OutputFormat, output_sink, parse_output_format
-from csmserve.elevenlabs.messages import parse_seed, speech_request
-from csmserve.elevenlabs.text import http_alignment
-from csmserve.elevenlabs.voices import voice_not_found, voice_of
+from csmserve.api.elevenlabs.formats import OutputFormat, output_sink, parse_output_format
+from csmserve.api.elevenlabs.messages import parse_seed, speech_request
+from csmserve.api.elevenlabs.text import http_alignment
+from csmserve.api.elevenlabs.voices import voice_not_found, voice_of
 from csmserve.errors import CsmServeError, InvalidRequest, NotReady, Overloaded
 from csmserve.logs import request_id
 from csmserve.server.payload import json_object
@@ -59,7 +59,7 @@ def invalid_field(where: str, name: str, message: str) -> JSONResponse:
 STATUS_NAMES = {Overloaded: "too_many_concurrent_requests", NotReady: "service_unavailable"}
 
 
-def failed(exc: CsmServeError) -> JSONResponse:
+def error_response(exc: CsmServeError) -> JSONResponse:
     """An admission or engine error in ElevenLabs' shape (its SDK raises its usual exception); a
     generation failure's internal text stays in the log (``to_dict``)."""
     status = STATUS_NAMES.get(type(exc), exc.code)
@@ -143,7 +143,7 @@ async def respond(voice_id: str, request: Request, *, streamed: bool, timestamps
     if streamed:
         body = timed_lines(speech) if timestamps else audio_bytes(speech)
         media_type = "application/x-ndjson" if timestamps else speech.output.media_type
-        return await guarded_stream(speech.state, ENDPOINT, body, media_type, failed)
+        return await guarded_stream(speech.state, ENDPOINT, body, media_type, error_response)
     return await whole_file(request, speech, timestamps)
 
 
@@ -159,7 +159,7 @@ async def whole_file(request: Request, speech: Speech, timestamps: bool) -> Resp
                 if span is not None:
                     spans.append(span)
 
-    failure = await collected(request, speech.state, ENDPOINT, collect, failed)
+    failure = await collected(request, speech.state, ENDPOINT, collect, error_response)
     if failure is not None:
         return failure
     if not timestamps:

@@ -1,5 +1,9 @@
 """``/v1/voices``: register a voice from a reference clip, list, show and delete voices.
 
+The list comes in csmserve's shape (``data``) and in ElevenLabs' (``voices``: CSM's speaker ids
+first as "premade" voices "0".."9", then the registered voices as "cloned" ones), so that a
+framework's voice picker, or the ElevenLabs SDK's ``voices.get_all()``, finds both.
+
 A voice is encoded with the model's own codec (Mimi) once, at registration, on the model worker;
 requests that name it get its codes as CSM context, so nothing is re-encoded per request.
 """
@@ -13,10 +17,10 @@ from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from csmserve.audio.decode import decode_clip
-from csmserve.elevenlabs.voices import elevenlabs_voices
 from csmserve.errors import Conflict, InvalidRequest, NotFound, NotReady, Overloaded
 from csmserve.server.state import ServerState, state_of
 from csmserve.speech.voices import reserved_name
+from csmserve.voices import Voice
 
 router = APIRouter(prefix="/v1/voices")
 #: Uploads that may wait for a decoder; more are refused with a 429.
@@ -71,6 +75,19 @@ async def decode_off_loop(state: ServerState, data: bytes):
         max_channels=settings.max_voice_channels, max_rate=settings.max_voice_sample_rate,
     )
     return await anyio.to_thread.run_sync(decode, limiter=limiter)
+
+
+def elevenlabs_voices(voices: list[Voice], min_speaker_id: int, max_speaker_id: int) -> list[dict]:
+    """The voices as ElevenLabs lists them: ``{"voice_id", "name", "category", "labels"}`` each."""
+    speakers = [
+        {"voice_id": str(i), "name": f"CSM speaker {i}", "category": "premade", "labels": {}}
+        for i in range(min_speaker_id, max_speaker_id + 1)
+    ]
+    registered = [
+        {"voice_id": v.id, "name": v.name, "category": "cloned", "labels": {"speaker_id": str(v.speaker_id)}}
+        for v in voices
+    ]
+    return speakers + registered
 
 
 @router.get("")

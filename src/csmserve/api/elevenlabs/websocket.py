@@ -1,6 +1,6 @@
 """ElevenLabs' text-to-speech WebSockets: ``multi-stream-input`` (contexts) and ``stream-input`` (one).
 
-A receive loop feeds frames to :class:`~csmserve.elevenlabs.session.ContextSession`; each context
+A receive loop feeds frames to :class:`~csmserve.api.elevenlabs.session.ContextSession`; each context
 has a :class:`ContextRunner` task that speaks its sentences in order as one continuous stream (a
 :class:`~csmserve.speech.SentenceStream`: the previous sentence as context, the codec state carried),
 so contexts on one socket generate concurrently. Barge-in cancels a runner's current generation,
@@ -28,8 +28,8 @@ from typing import NoReturn
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from csmserve.elevenlabs.formats import output_sink
-from csmserve.elevenlabs.messages import (
+from csmserve.api.elevenlabs.formats import output_sink
+from csmserve.api.elevenlabs.messages import (
     StreamSettings,
     audio_message,
     error_message,
@@ -39,9 +39,9 @@ from csmserve.elevenlabs.messages import (
     parse_query,
     speech_request,
 )
-from csmserve.elevenlabs.session import Actions, Context, ContextSession
-from csmserve.elevenlabs.text import ws_alignment
-from csmserve.elevenlabs.voices import voice_not_found, voice_of
+from csmserve.api.elevenlabs.session import Actions, Context, ContextSession
+from csmserve.api.elevenlabs.text import ws_alignment
+from csmserve.api.elevenlabs.voices import voice_not_found, voice_of
 from csmserve.errors import CsmServeError, GenerationFailed, InvalidRequest, MessageTooLarge, Overloaded, Unauthorized
 from csmserve.logs import clean_id
 from csmserve.logs import request_id as current_request_id
