@@ -122,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from csmserve.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
-    from csmserve.server.app import create_app
+    from csmserve.app import create_app
     from csmserve.server.serving import uvicorn_config
 
     failure: list = []

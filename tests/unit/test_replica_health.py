@@ -7,7 +7,7 @@ import asyncio
 from csmserve.config import Settings
 from csmserve.engine.fake import FakeEngine
 from csmserve.scaleout.replica import health_problem
-from csmserve.server.app import create_app
+from csmserve.app import create_app
 
 
 def state_of(tmp_path):

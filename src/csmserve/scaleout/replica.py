@@ -1,7 +1,7 @@
 """What a replica adds around the single server's app: its name on what it sends, its own metrics
 listener, start-up that waits for the model, and a drain that closes idle WebSockets.
 
-The app itself (:func:`~csmserve.server.app.create_app`) is unchanged, so every route and rule of
+The app itself (:func:`~csmserve.app.create_app`) is unchanged, so every route and rule of
 the single server holds on a replica. These are ASGI middlewares and lifespan wrappers, so they also
 know nothing of Ray: :mod:`csmserve.ray_app` puts them together.
 """

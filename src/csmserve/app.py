@@ -1,5 +1,7 @@
-"""The application factory: one engine, one audio store, the routes, and loading in the background.
+"""The application factory: one engine, one audio store, every API's routes, and loading in the background.
 
+The top of the layers: the only module that imports the API packages (``csmserve.api.<name>.routes``),
+over the shared rule of :mod:`csmserve.server` and the speech layer (``[tool.importlinter]``).
 The server listens while the model loads (``/health`` says ``loading`` with 503) and reports
 ``healthy`` once the engine is ready. A load failure is logged with its actionable message and
 handed to ``on_load_failed`` (the CLI uses it to exit non-zero).
@@ -19,10 +21,15 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from csmserve import __version__
+from csmserve.api.elevenlabs import routes as elevenlabs
+from csmserve.api.openai import routes as openai
+from csmserve.api.seed import routes as seed
+from csmserve.api.voices import routes as voices
 from csmserve.config import Settings
 from csmserve.engine import Engine, create_engine
 from csmserve.errors import CsmServeError
 from csmserve.metrics import Metrics
+from csmserve.server import demo, health
 from csmserve.server.admission import Admission
 from csmserve.server.auth import KeyChecker
 from csmserve.server.errors import error_response, validation_error_response
@@ -110,12 +117,6 @@ def build_app(state: ServerState, on_load_failed: Callable[[CsmServeError], None
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_error_response(exc)
-
-    from csmserve.api.elevenlabs import routes as elevenlabs
-    from csmserve.api.openai import routes as openai
-    from csmserve.api.seed import routes as seed
-    from csmserve.api.voices import routes as voices
-    from csmserve.server import demo, health
 
     app.include_router(health.router)
     app.include_router(seed.router)
