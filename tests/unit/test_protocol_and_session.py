@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from csmserve.errors import InvalidRequest
 from csmserve.api.seed.messages import (
     CancelMessage,
     FlushMessage,
@@ -16,6 +15,7 @@ from csmserve.api.seed.messages import (
     parse_client_message,
 )
 from csmserve.api.seed.session import Session
+from csmserve.errors import InvalidRequest
 
 LIMITS = Limits()
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from csmserve.app import create_app
 from csmserve.config import Settings
 from csmserve.engine.fake import FakeEngine
 from csmserve.scaleout.replica import health_problem
-from csmserve.app import create_app
 
 
 def state_of(tmp_path):

@@ -46,9 +46,9 @@ from csmserve.errors import CsmServeError, GenerationFailed, InvalidRequest, Mes
 from csmserve.logs import clean_id
 from csmserve.logs import request_id as current_request_id
 from csmserve.server.deadline import deadline
-from csmserve.server.ws import NORMAL, POLICY_VIOLATION, CloseConnection, Socket, accept, wait_for_child
 from csmserve.server.state import ServerState, state_of
 from csmserve.server.streaming import outcome_of
+from csmserve.server.ws import NORMAL, POLICY_VIOLATION, CloseConnection, Socket, accept, wait_for_child
 from csmserve.speech import SentenceStream
 from csmserve.speech.voices import VoiceChoice
 

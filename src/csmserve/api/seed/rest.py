@@ -10,10 +10,10 @@ import contextlib
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from csmserve.api.seed.messages import Limits, parse_generate, parse_json_object
 from csmserve.audio.wav import pcm16_to_wav
 from csmserve.errors import InvalidRequest, NotFound
 from csmserve.logs import request_id
-from csmserve.api.seed.messages import Limits, parse_generate, parse_json_object
 from csmserve.server.errors import error_response
 from csmserve.server.state import state_of
 from csmserve.server.streaming import collected

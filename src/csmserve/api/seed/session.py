@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from csmserve.errors import CsmServeError, InvalidRequest
 from csmserve.api.seed.messages import (
     CancelMessage,
     FlushMessage,
@@ -26,6 +25,7 @@ from csmserve.api.seed.messages import (
     parse_client_message,
     request_id_of,
 )
+from csmserve.errors import CsmServeError, InvalidRequest
 from csmserve.speech import SentenceStream
 from csmserve.text.sentences import SentenceBuffer
 

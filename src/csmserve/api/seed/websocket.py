@@ -21,14 +21,14 @@ from typing import NoReturn
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from csmserve.api.seed.messages import Limits, done_event
+from csmserve.api.seed.session import Job, Session, failure_event
 from csmserve.errors import CsmServeError, GenerationFailed, MessageTooLarge, Overloaded, Unauthorized
 from csmserve.logs import request_id as current_request_id
-from csmserve.api.seed.messages import Limits, done_event, error_event
 from csmserve.server.deadline import deadline
-from csmserve.server.ws import NORMAL, CloseConnection, Socket, accept, wait_for_child
 from csmserve.server.state import ServerState, state_of
 from csmserve.server.streaming import outcome_of
-from csmserve.api.seed.session import Job, Session, failure_event
+from csmserve.server.ws import NORMAL, CloseConnection, Socket, accept, wait_for_child
 from csmserve.speech import AudioSink, Outgoing
 
 log = logging.getLogger(__name__)
