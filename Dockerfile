@@ -39,7 +39,7 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 # A regular (not editable) install: the demo page's files come from the package data.
 RUN pip install . \
-    && python -c "import csmserve.server.app, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    && python -c "import csmserve.app, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 COPY --chmod=0755 docker/entrypoint.sh docker/healthcheck.py /app/docker/
 
 # A fixed non-root uid; /data holds the Hugging Face cache (the model, ~6 GB), the offline model, saved

@@ -177,7 +177,7 @@ def mimi_decode(model, frames: int, device: str) -> dict:
 def serve(engine, settings):
     import uvicorn
 
-    from csmserve.server.app import create_app
+    from csmserve.app import create_app
 
     app = create_app(settings, engine)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws_per_message_deflate=False))

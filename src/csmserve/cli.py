@@ -80,11 +80,11 @@ class DrainingServer:
 
         class _Server(uvicorn.Server):
             def handle_exit(self, sig, frame):
-                if outer.state.draining or self.should_exit:
+                if outer.state.admission.draining or self.should_exit:
                     return super().handle_exit(sig, frame)
-                outer.state.draining = True
+                outer.state.admission.draining = True
                 logging.getLogger("csmserve").warning(
-                    "draining: %d stream(s) in flight, up to %.0f s", outer.state.active, outer.state.settings.drain_timeout_s
+                    "draining: %d stream(s) in flight, up to %.0f s", outer.state.admission.active, outer.state.settings.drain_timeout_s
                 )
                 outer.loop.call_soon_threadsafe(lambda: outer.loop.create_task(outer.drain()))
 
@@ -93,9 +93,9 @@ class DrainingServer:
 
     async def drain(self) -> None:
         deadline = time.monotonic() + self.state.settings.drain_timeout_s
-        while self.state.active > 0 and time.monotonic() < deadline:
+        while self.state.admission.active > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        logging.getLogger("csmserve").warning("drained (%d stream(s) left); shutting down", self.state.active)
+        logging.getLogger("csmserve").warning("drained (%d stream(s) left); shutting down", self.state.admission.active)
         self.server.should_exit = True
 
     async def serve(self) -> None:
@@ -122,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from csmserve.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
-    from csmserve.server.app import create_app
+    from csmserve.app import create_app
     from csmserve.server.serving import uvicorn_config
 
     failure: list = []

@@ -1,4 +1,6 @@
-"""One exception tree. Each error knows its wire code, HTTP status and WebSocket close code.
+"""One exception tree. Each error knows its wire code, HTTP status, WebSocket close code and how
+soon a client may retry (``Retry-After``): every API renders these in its own shape (one renderer
+each), none restates them.
 
 Messages are written for the person who must act on them.
 """
@@ -13,6 +15,8 @@ class CsmServeError(Exception):
     http_status = 500
     #: WebSocket close code when the error ends the connection (most errors do not).
     ws_close_code = 1011
+    #: Seconds after which a retry may succeed (HTTP ``Retry-After``); None: retrying will not help.
+    retry_after_s: int | None = None
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -21,6 +25,10 @@ class CsmServeError(Exception):
     def to_dict(self) -> dict:
         return {"code": self.code, "message": self.message}
 
+    def headers(self) -> dict[str, str]:
+        """The HTTP headers an answer with this error carries (``Retry-After`` when a retry may help)."""
+        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+
 
 class InvalidRequest(CsmServeError):
     """The client sent something we cannot act on; the connection stays usable."""
@@ -28,6 +36,11 @@ class InvalidRequest(CsmServeError):
     code = "invalid_request"
     http_status = 422
     ws_close_code = 1007
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        #: The request field at fault, when one is (OpenAI's ``param``, ElevenLabs' ``loc``).
+        self.field = field
 
 
 class MessageTooLarge(InvalidRequest):
@@ -39,6 +52,14 @@ class MessageTooLarge(InvalidRequest):
 class NotFound(CsmServeError):
     code = "not_found"
     http_status = 404
+
+
+class Unauthorized(CsmServeError):
+    """No valid API key: the connection is closed (WebSocket 1008, policy violation)."""
+
+    code = "unauthorized"
+    http_status = 401
+    ws_close_code = 1008
 
 
 class Conflict(CsmServeError):
@@ -54,6 +75,7 @@ class NotReady(CsmServeError):
     code = "not_ready"
     http_status = 503
     ws_close_code = 1013
+    retry_after_s = 5  # a model loads in seconds to minutes: /health says when
     LOADING = "the model is still loading; retry when /health says healthy"
 
     def __init__(self, message: str = LOADING):
@@ -64,6 +86,7 @@ class Overloaded(CsmServeError):
     code = "overloaded"
     http_status = 429
     ws_close_code = 1013
+    retry_after_s = 1  # a stream slot frees as soon as one request ends
 
 
 class OutOfMemory(CsmServeError):
@@ -71,6 +94,7 @@ class OutOfMemory(CsmServeError):
 
     code = "out_of_memory"
     http_status = 503
+    retry_after_s = 1
 
 
 class ModelFailed(CsmServeError):
@@ -78,6 +102,7 @@ class ModelFailed(CsmServeError):
 
     code = "model_failed"
     http_status = 503
+    retry_after_s = 1  # behind a load balancer, another replica answers the retry
 
 
 class DeadlineExceeded(CsmServeError):
@@ -109,6 +134,7 @@ class ModelLoadError(CsmServeError):
 
     code = "model_load_failed"
     http_status = 503
+    retry_after_s = 1
 
 
 class GatedModelError(ModelLoadError):

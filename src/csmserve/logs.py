@@ -1,7 +1,7 @@
 """Logging set-up: text or JSON lines, the request id on every line, secrets never written.
 
 The request id lives in a context variable, so every log line emitted while a request is handled
-(in the adapters, the pipeline, the engine's async side) carries it without being passed around.
+(in the API adapters, the speech layer, the engine's async side) carries it without being passed around.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class Metrics:
         self.registry.register(_PrefillCollector(counts))
 
     def finished(self, endpoint: str, outcome: str, stats=None) -> None:
-        """Record one request's end; ``stats`` is its :class:`~csmserve.pipeline.StreamStats`."""
+        """Record one request's end; ``stats`` is its :class:`~csmserve.speech.StreamStats`."""
         self.requests.labels(endpoint, outcome).inc()
         if stats is None:
             return

@@ -1,6 +1,6 @@
 """csmserve as a Ray Serve application: replicas that each own one engine, behind Ray's proxy.
 
-Each replica is the single server's FastAPI app (:func:`~csmserve.server.app.create_app`), every
+Each replica is the single server's FastAPI app (:func:`~csmserve.app.create_app`), every
 route and every rule included, built inside the replica process with its own engine: one GPU per
 replica on a GPU cluster, CPU replicas elsewhere. Ray's proxy spreads WebSocket connections and HTTP
 requests over the replicas; its autoscaler counts ongoing requests (an open WebSocket is one) against
@@ -71,7 +71,7 @@ class CsmReplica:
 
     def __init__(self, settings: dict[str, Any], metrics_host: str = "0.0.0.0", metrics_port: int = 0):
         from csmserve.logs import setup_logging
-        from csmserve.server.app import create_app
+        from csmserve.app import create_app
 
         self.name = serve.get_replica_context().replica_tag
         self.settings = Settings(**settings)

@@ -104,7 +104,7 @@ def test_start_up_log_has_no_third_party_config_warnings_and_no_empty_request_id
     assert "must be `None` or an integer within the vocabulary" not in log
     assert "[transformers]" not in log
     assert "[None]" not in log
-    assert " csmserve.server.app: ready: " in log
+    assert " csmserve.app: ready: " in log
 
 
 def test_say_follows_csm_port_and_names_the_server_that_answered(fake_server, tmp_path):

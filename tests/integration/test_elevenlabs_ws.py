@@ -420,13 +420,13 @@ async def test_contexts_open_at_once_are_capped_by_the_smaller_limit(settings_fa
 async def test_control_characters_in_a_context_id_never_reach_the_log(settings_factory, caplog):
     """A context id with a newline and an escape, on a failing generation: the log line that names it
     has them replaced; the client still gets its own id back, and no internal exception text."""
-    caplog.set_level("WARNING", logger="csmserve.server.elevenlabs_ws")
+    caplog.set_level("WARNING", logger="csmserve.api.elevenlabs.websocket")
     cid = "evil\nFAKE LOG LINE\x1b[31m"
     with running_server(settings_factory(engine="fake"), FakeEngine(fail_at_frame=1)) as server:
         async with websockets.connect(el_url(server)) as ws:
             await ws.send(json.dumps({"text": "This sentence will fail. ", "context_id": cid, "flush": True}))
             error = json.loads(await asyncio.wait_for(ws.recv(), 10))
-    lines = [r.getMessage() for r in caplog.records if r.name == "csmserve.server.elevenlabs_ws"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "csmserve.api.elevenlabs.websocket"]
     assert error["contextId"] == cid and error["error"] == "generation_failed"
     assert "injected" not in error["message"]
     assert lines and all("\n" not in line and "\x1b" not in line for line in lines)

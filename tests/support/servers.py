@@ -47,7 +47,7 @@ class RunningServer(LoopbackUrls):
 
 @contextlib.contextmanager
 def running_server(settings, engine=None, on_load_failed=None):
-    from csmserve.server.app import create_app
+    from csmserve.app import create_app
     from csmserve.server.serving import uvicorn_config
 
     app = create_app(settings, engine, on_load_failed=on_load_failed)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import logging
 
+from csmserve.api.seed.messages import Limits
+from csmserve.api.seed.session import Session
 from csmserve.engine import Capacity
 from csmserve.logs import ContextFilter, RateLimit, clean_id, redact, request_id
-from csmserve.protocol import Limits
 from csmserve.server.watchdog import Watchdog
-from csmserve.session import Session
 
 
 def text(context_id: str, fragment: str) -> str:

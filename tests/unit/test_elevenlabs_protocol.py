@@ -8,11 +8,12 @@ import av
 import numpy as np
 import pytest
 
-from csmserve.elevenlabs.formats import OUTPUT_FORMATS, ChunkedAudio, parse_output_format
-from csmserve.elevenlabs.messages import CloseContext, CloseSocket, TextInput, key_of, parse_message, parse_query
-from csmserve.elevenlabs.session import ContextSession
-from csmserve.elevenlabs.text import ContextText, http_alignment, spread_timings, ws_alignment
+from csmserve.api.elevenlabs.formats import OUTPUT_FORMATS, output_sink, parse_output_format
+from csmserve.api.elevenlabs.messages import CloseContext, CloseSocket, TextInput, key_of, parse_message, parse_query
+from csmserve.api.elevenlabs.session import ContextSession
+from csmserve.api.elevenlabs.text import ContextText, http_alignment, spread_timings, ws_alignment
 from csmserve.errors import InvalidRequest
+from csmserve.speech import StreamStats
 from csmserve.text.sentences import split_sentences
 
 TONE = (0.3 * np.sin(2 * np.pi * 220 * np.arange(24_000) / 24_000)).astype(np.float32)
@@ -35,21 +36,26 @@ def test_unknown_output_format_lists_the_valid_ones():
         parse_output_format("opus_48000_64")
 
 
+def sink(fmt, chunk_ms: int = 200):
+    """The sink one stream in ``fmt`` gets: chunks of ``chunk_ms``."""
+    return output_sink(fmt, StreamStats(24_000), chunk_ms)
+
+
 @pytest.mark.parametrize("name", [n for n in OUTPUT_FORMATS if not n.startswith("mp3")])
 def test_raw_formats_give_one_second_of_samples_at_their_rate(name):
     """PCM and G.711: a second of 24 kHz audio becomes a second of samples at the format's rate."""
     fmt = parse_output_format(name)
-    audio = ChunkedAudio(fmt, chunk_ms=100)
+    audio = sink(fmt, chunk_ms=100)
     chunks = audio.feed(TONE)
-    data = b"".join(chunks) + audio.finish()
+    data = b"".join(chunks + audio.finish())
     assert abs(len(data) // fmt.bytes_per_sample - fmt.sample_rate) <= 2
     assert all(len(c) == fmt.bytes_per_sample * fmt.sample_rate // 10 for c in chunks)
 
 
 def test_mp3_is_encoded_at_the_requested_rate():
     """mp3_44100_128 decodes as 44.1 kHz mono MPEG audio of the input's duration."""
-    audio = ChunkedAudio(parse_output_format("mp3_44100_128"))
-    data = b"".join(audio.feed(TONE)) + audio.finish()
+    audio = sink(parse_output_format("mp3_44100_128"))
+    data = b"".join(audio.feed(TONE) + audio.finish())
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.audio[0]
         samples = sum(frame.samples for frame in container.decode(stream))
@@ -60,9 +66,9 @@ def test_mp3_is_encoded_at_the_requested_rate():
 def test_cut_releases_the_partial_chunk_without_changing_the_bytes():
     """Cutting at sentence ends changes chunk sizes, never the stream's bytes."""
     fmt = parse_output_format("pcm_22050")
-    whole, cut = ChunkedAudio(fmt), ChunkedAudio(fmt)
-    a = b"".join(whole.feed(TONE[:10_000]) + whole.feed(TONE[10_000:])) + whole.finish()
-    b = b"".join(cut.feed(TONE[:10_000])) + cut.cut() + b"".join(cut.feed(TONE[10_000:])) + cut.finish()
+    whole, cut = sink(fmt), sink(fmt)
+    a = b"".join(whole.feed(TONE[:10_000]) + whole.feed(TONE[10_000:]) + whole.finish())
+    b = b"".join(cut.feed(TONE[:10_000]) + cut.cut() + cut.feed(TONE[10_000:]) + cut.finish())
     assert a == b
 
 
@@ -80,9 +86,9 @@ def test_query_parameters_are_validated_and_defaulted():
 def test_client_messages_parse_to_types():
     """Each documented message shape becomes its typed message."""
     opening = parse_message('{"text": " ", "context_id": "c", "generation_config": {"chunk_length_schedule": [50, 90]}}', 100)
-    assert opening == TextInput("c", " ", schedule=(50, 90))
-    assert parse_message('{"context_id": "c", "flush": true}', 100) == TextInput("c", "", flush=True)
-    assert parse_message('{"context_id": "c", "close_context": true}', 100) == CloseContext("c")
+    assert opening == TextInput(context_id="c", text=" ", schedule=(50, 90))
+    assert parse_message('{"context_id": "c", "flush": true}', 100) == TextInput(context_id="c", text="", flush=True)
+    assert parse_message('{"context_id": "c", "close_context": true}', 100) == CloseContext(context_id="c")
     assert parse_message('{"close_socket": true}', 100) == CloseSocket()
     with pytest.raises(InvalidRequest, match="limit is 10"):
         parse_message('{"text": "' + "x" * 11 + '"}', 10)

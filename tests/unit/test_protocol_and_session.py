@@ -6,9 +6,16 @@ import json
 
 import pytest
 
+from csmserve.api.seed.messages import (
+    CancelMessage,
+    FlushMessage,
+    GenerateRequest,
+    Limits,
+    TextMessage,
+    parse_client_message,
+)
+from csmserve.api.seed.session import Session
 from csmserve.errors import InvalidRequest
-from csmserve.protocol import CancelMessage, GenerateRequest, Limits, parse_client_message
-from csmserve.session import Session
 
 LIMITS = Limits()
 
@@ -52,6 +59,29 @@ def test_cancel_message_is_parsed():
     """{"type": "cancel"} with or without a request id."""
     assert parse({"type": "cancel"}) == CancelMessage()
     assert parse({"type": "cancel", "request_id": "x"}).request_id == "x"
+
+
+def test_fields_that_depend_on_others_default_from_them():
+    """framing brings mulaw at 8000 Hz; a G.711 format brings 8000 Hz; twilio framing needs its stream_sid."""
+    framed = parse({"text": "Hi", "framing": "telnyx"})
+    assert (framed.format, framed.sample_rate) == ("mulaw", 8000)
+    assert parse({"text": "Hi", "format": "alaw"}).sample_rate == 8000
+    with pytest.raises(InvalidRequest, match="twilio framing needs stream_sid"):
+        parse({"text": "Hi", "framing": "twilio"})
+    with pytest.raises(InvalidRequest, match="mulaw is only available at 8000 Hz"):
+        parse({"text": "Hi", "format": "mulaw", "sample_rate": 16000})
+
+
+def test_messages_are_told_apart_by_type_and_validated_as_their_kind():
+    """Each type tag gives its own message; a text message's other fields are its stream's options."""
+    text = parse({"type": "text", "context_id": "c", "text": "", "speaker_id": 3, "colour": "red"})
+    assert isinstance(text, TextMessage) and text.options.speaker_id == 3
+    assert text.options.ignored_fields == ("colour",)
+    assert parse({"type": "end"}) == FlushMessage(type="end", context_id="default")
+    with pytest.raises(InvalidRequest, match="speaker_id must be an integer from 0 to 9"):
+        parse({"type": "text", "text": "Hi", "speaker_id": 10})
+    with pytest.raises(InvalidRequest, match="unknown message type 'speak'"):
+        parse({"type": "speak", "text": "Hi"})
 
 
 def test_deeply_nested_json_is_an_error_not_a_crash():

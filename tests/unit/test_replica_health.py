@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from csmserve.app import create_app
 from csmserve.config import Settings
 from csmserve.engine.fake import FakeEngine
 from csmserve.scaleout.replica import health_problem
-from csmserve.server.app import create_app
 
 
 def state_of(tmp_path):
@@ -29,7 +29,7 @@ def test_a_loading_or_draining_replica_is_not_healthy(tmp_path):
     state = state_of(tmp_path)
     assert health_problem(state) == "the model is not loaded"
     asyncio.run(state.engine.start())
-    state.draining = True
+    state.admission.draining = True
     assert health_problem(state) == "draining"
 
 

@@ -1,7 +1,7 @@
 """What a replica adds around the single server's app: its name on what it sends, its own metrics
 listener, start-up that waits for the model, and a drain that closes idle WebSockets.
 
-The app itself (:func:`~csmserve.server.app.create_app`) is unchanged, so every route and rule of
+The app itself (:func:`~csmserve.app.create_app`) is unchanged, so every route and rule of
 the single server holds on a replica. These are ASGI middlewares and lifespan wrappers, so they also
 know nothing of Ray: :mod:`csmserve.ray_app` puts them together.
 """
@@ -42,7 +42,7 @@ class ReplicaStamp:
                 message = {**message, "headers": [*message.get("headers", ()), self.header]}
             elif kind == "websocket.send":
                 text = message.get("text")
-                # Every frame that ends a request is built by protocol.done_event / error_event.
+                # Every frame that ends a request is built by the seed API's done_event / error_event.
                 if text is not None and text.startswith('{"done"'):
                     event = json.loads(text)
                     event["replica"] = self.replica
@@ -120,17 +120,17 @@ class TrackSockets:
 
 async def drain_when(stopping: Callable[[], bool], state, sockets: OpenSockets, poll_s: float = 0.25) -> None:
     """Once ``stopping()`` turns true, drain as the single server does on SIGTERM: refuse new
-    requests (``state.draining``), let in-flight streams finish for up to ``drain_timeout_s``, then
+    requests (``state.admission.draining``), let in-flight streams finish for up to ``drain_timeout_s``, then
     close every WebSocket with 1013, so that clients reconnect (to another replica)."""
     while not stopping():
         await asyncio.sleep(poll_s)
-    state.draining = True
-    log.warning("draining: %d stream(s) in flight, up to %.0f s", state.active, state.settings.drain_timeout_s)
+    state.admission.draining = True
+    log.warning("draining: %d stream(s) in flight, up to %.0f s", state.admission.active, state.settings.drain_timeout_s)
     deadline = time.monotonic() + state.settings.drain_timeout_s
-    while state.active > 0 and time.monotonic() < deadline:
+    while state.admission.active > 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     closed = await sockets.close_all()
-    log.warning("drained (%d stream(s) left); closed %d WebSocket(s)", state.active, closed)
+    log.warning("drained (%d stream(s) left); closed %d WebSocket(s)", state.admission.active, closed)
 
 
 def replica_lifespan(lifespan, state, stopping: Callable[[], bool], sockets: OpenSockets):
@@ -163,7 +163,7 @@ def health_problem(state) -> str | None:
     if state.ready:
         return None
     failure = state.engine.info.failed or (state.load_error.message if state.load_error is not None else None)
-    return failure or ("draining" if state.draining else "the model is not loaded")
+    return failure or ("draining" if state.admission.draining else "the model is not loaded")
 
 
 def prepare_offline_model(settings) -> None:

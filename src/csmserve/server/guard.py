@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from csmserve.logs import clean_id, request_id
 from csmserve.server.auth import is_public, presented_key
+from csmserve.server.state import ServerState
 
 JSON_ROUTES = ("/generate", "/v1/audio/speech")
 #: ElevenLabs' text-to-speech POSTs (``/v1/text-to-speech/{voice_id}`` and its variants) take JSON too.
@@ -58,9 +59,9 @@ def cross_site(origin: str | None, host: str | None, allowed: tuple[str, ...]) -
 
 
 class Guard:
-    """The ASGI middleware; ``state`` is the app's :class:`~csmserve.server.app.ServerState`."""
+    """The ASGI middleware over the app's shared ``state``."""
 
-    def __init__(self, app: ASGIApp, state):
+    def __init__(self, app: ASGIApp, state: ServerState):
         self.app = app
         self.state = state
 

@@ -7,7 +7,9 @@ import re
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from csmserve.errors import NotReady
 from csmserve.server.auth import presented_key
+from csmserve.server.state import ServerState, state_of
 
 router = APIRouter()
 
@@ -31,7 +33,7 @@ def capacity_fields(capacity) -> dict:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    state = request.app.state.csm
+    state = state_of(request)
     info = state.engine.info
     stalled = state.watchdog.stalled()
     if info.ready and not info.failed and stalled is None:
@@ -70,7 +72,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=code)
 
 
-def trusted(request: Request, state) -> bool:
+def trusted(request: Request, state: ServerState) -> bool:
     """Whether the caller may see operator detail (local paths): keys are off, or it sent a valid one."""
     return not state.keys.enabled or state.keys.valid(presented_key(request))
 
@@ -87,11 +89,11 @@ def _without_paths(text: str) -> str:
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     """Readiness: 200 only when the model is loaded, healthy, and the server is not draining."""
-    state = request.app.state.csm
+    state = state_of(request)
     info = state.engine.info
     if state.ready:
         return JSONResponse({"ready": True})
-    if state.draining:
+    if state.admission.draining:
         reason = "draining"
     elif info.failed or state.load_error is not None:
         reason = "failed"
@@ -99,4 +101,4 @@ async def ready(request: Request) -> JSONResponse:
         reason = "stalled"
     else:
         reason = "loading"
-    return JSONResponse({"ready": False, "reason": reason}, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse({"ready": False, "reason": reason}, status_code=503, headers=NotReady().headers())

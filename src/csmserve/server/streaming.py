@@ -1,6 +1,6 @@
 """The rule every HTTP route that generates audio shares: a client can only spend its own share.
 
-* Admission: a request takes a stream slot (:meth:`ServerState.enter`) and its first audio piece is
+* Admission: a request takes a stream slot (:meth:`Admission.enter`) and its first audio piece is
   awaited *before* the response starts, so a full server or worker queue is a 429 with
   ``Retry-After`` (never a 200 with an empty body).
 * Deadline: one deadline per request (``request_timeout_s``), enforced inside the one task that
@@ -9,9 +9,9 @@
   generation cancelled, as on the WebSocket.
 * Disconnects: a client that goes away cancels its generation; the request counts as ``disconnected``.
 
-A route builds an async iterator of response bytes over ``engine.synthesize`` and hands it to
-:func:`guarded_stream` (streamed) or :func:`until_disconnect` (collected, e.g. a WAV file). New routes
-inherit the rule by calling one of them.
+A route builds an async iterator of response bytes over the speech layer and hands it to
+:func:`guarded_stream` (streamed), or collects a whole file with :func:`collected`. New routes inherit
+the rule by calling one of them, with their API's error renderer.
 """
 
 from __future__ import annotations
@@ -27,10 +27,14 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from csmserve.errors import CsmServeError, DeadlineExceeded, Overloaded
-from csmserve.pipeline import deadline_exceeded
+from csmserve.server.deadline import deadline_exceeded
+from csmserve.server.state import ServerState
+from csmserve.speech import StreamStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: An API's error renderer: the error as a response in that API's shape.
+Render = Callable[[CsmServeError], Response]
 
 #: Outcome of a request, as counted in ``csm_requests_total``.
 OUTCOME_OF = {Overloaded: "rejected", DeadlineExceeded: "timeout"}
@@ -47,8 +51,8 @@ class ClientGone(Exception):
 class Slot:
     """One admitted request: its stream slot, deadline and outcome. Leave it exactly once."""
 
-    def __init__(self, state, endpoint: str):
-        state.enter(endpoint)  # raises Overloaded (429) when full or draining
+    def __init__(self, state: ServerState, endpoint: str):
+        state.admission.enter(endpoint)  # raises Overloaded (429) when full or draining
         self.state, self.endpoint = state, endpoint
         self.deadline = time.monotonic() + state.settings.request_timeout_s
         self._left = False
@@ -59,10 +63,10 @@ class Slot:
     def timeout_error(self) -> DeadlineExceeded:
         return deadline_exceeded(self.state.settings.request_timeout_s)
 
-    def leave(self, outcome: str, stats=None) -> None:
+    def leave(self, outcome: str, stats: StreamStats | None = None) -> None:
         if not self._left:
             self._left = True
-            self.state.leave()
+            self.state.admission.leave()
             self.state.metrics.finished(self.endpoint, outcome, stats)
 
 
@@ -102,18 +106,26 @@ async def until_disconnect(request: Request, slot: Slot, work: Callable[[], Awai
     return result[0]
 
 
-async def collected(request: Request, slot: Slot, work: Callable[[], Awaitable[None]], stats=None) -> Exception | None:
-    """Run ``work()`` (which collects a whole file from the engine) under :func:`until_disconnect` and
-    leave the slot with its outcome. Returns ``None`` when it completed, else what stopped it: a
-    :class:`ClientGone` (nobody to answer) or the :class:`CsmServeError` to answer with."""
+async def collected(
+    request: Request, state: ServerState, endpoint: str, work: Callable[[], Awaitable[None]], render: Render,
+    stats: StreamStats | None = None,
+) -> Response | None:
+    """Admit the request and run ``work()`` (which collects a whole file from the engine) under
+    :func:`until_disconnect`, leaving the slot with its outcome. None when it completed, else the
+    response to send instead: ``render(error)`` (a refusal, a failure, the deadline), or a 499 when
+    the client went away (nobody reads it; the generation was cancelled)."""
+    try:
+        slot = Slot(state, endpoint)
+    except Overloaded as exc:
+        return render(exc)
     try:
         await until_disconnect(request, slot, work)
-    except ClientGone as exc:
+    except ClientGone:
         slot.leave("disconnected", stats)
-        return exc
+        return Response(status_code=499)
     except CsmServeError as exc:
         slot.leave(outcome_of(exc), stats)
-        return exc
+        return render(exc)
     except BaseException:
         slot.leave("error", stats)
         raise
@@ -140,7 +152,9 @@ class GuardedStream(Response):
     ``first`` is what :func:`first_piece` returned. The slot is left, and the outcome counted, when
     the stream ends in any way; ``chunks`` is closed, which cancels generation in the engine."""
 
-    def __init__(self, slot: Slot, chunks: AsyncIterator[bytes], first: bytes | None, media_type: str, stats=None):
+    def __init__(
+        self, slot: Slot, chunks: AsyncIterator[bytes], first: bytes | None, media_type: str, stats: StreamStats | None = None
+    ):
         self.slot, self.chunks, self.first, self.stats = slot, chunks, first, stats
         self.status_code = 200
         self.media_type = media_type
@@ -199,17 +213,22 @@ class GuardedStream(Response):
 
 
 async def guarded_stream(
-    state, endpoint: str, chunks: AsyncIterator[bytes], media_type: str, stats=None
-) -> GuardedStream:
-    """Admit the request and start its stream: the response to return, or raises
-    :class:`Overloaded`/:class:`CsmServeError` (nothing sent yet; the slot is already left)."""
-    slot = Slot(state, endpoint)
+    state: ServerState, endpoint: str, chunks: AsyncIterator[bytes], media_type: str, render: Render,
+    stats: StreamStats | None = None,
+) -> Response:
+    """Admit the request and start its stream: the response to return, which is ``render(error)`` when
+    it was refused or failed before its first audio (nothing sent yet; the slot is already left)."""
+    try:
+        slot = Slot(state, endpoint)
+    except Overloaded as exc:
+        await chunks.aclose()
+        return render(exc)
     try:
         first = await first_piece(slot, chunks)
     except CsmServeError as exc:
         await chunks.aclose()
         slot.leave(outcome_of(exc), stats)
-        raise
+        return render(exc)
     except BaseException:
         await chunks.aclose()
         slot.leave("error", stats)

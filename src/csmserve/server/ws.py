@@ -1,11 +1,15 @@
-"""``/ws/generate``: a receive loop and a send loop per connection, over :class:`Session`.
+"""The rule every WebSocket route shares, without a protocol: a :class:`Socket` each API composes.
 
-The receive loop never waits on the model: it validates each frame, answers errors at once, queues
-requests, streamed text and cancels. The send loop streams one job at a time. A cancel or a
-disconnect cancels the streaming task, which cancels generation in the worker before its next frame.
+* Before accept (:func:`admit`, :func:`accept`): the Origin and a header/query key; a refused socket is closed 1008.
+* After accept: a socket without a key takes a place in the waiting room (:meth:`Socket.wait_for_key`,
+  at most ``max_unauthenticated``) until it shows one; a draining server refuses new work.
+* Sending (:meth:`Socket.send`): a client that has not read for ``max_lag_s`` is cut
+  (:class:`~csmserve.errors.ClientTooSlow`), which cancels its generation.
+* Receiving: frames bounded in bytes (:meth:`Socket.payload`), deadlines the protocol chooses.
+* Running (:meth:`Socket.serve`): the connection's loops until one ends, then every child task is
+  cancelled (generation stops before its next frame) and the socket closes with the code it asked for.
 
-Admission (auth, Origin, capacity, drain) happens here too: refused requests get an error frame and
-the close code that says why (1008 policy, 1013 try again later).
+Each API renders refusals in its own message shape; the close codes come from the error types.
 """
 
 from __future__ import annotations
@@ -14,24 +18,34 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 import anyio
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import WebSocket, WebSocketDisconnect
 
-from csmserve.engine import Continuation
-from csmserve.errors import CsmServeError, GenerationFailed, NotReady, Overloaded
-from csmserve.logs import request_id as current_request_id
-from csmserve.pipeline import AudioOutput, StreamStats, deadline, stream_audio, synthesis_request
-from csmserve.protocol import done_event, error_event
+from csmserve.errors import ClientTooSlow, CsmServeError, MessageTooLarge, Overloaded, Unauthorized
+from csmserve.server.admission import SHUTTING_DOWN, WAITING_ROOM_FULL
 from csmserve.server.auth import presented_key
-from csmserve.server.streaming import outcome_of
-from csmserve.session import Job, Session, failure_event
+from csmserve.server.state import ServerState
 
 log = logging.getLogger(__name__)
-router = APIRouter()
 
-POLICY_VIOLATION, TRY_AGAIN_LATER, NORMAL = 1008, 1013, 1000
+#: Close codes that no error type carries: a normal end (idle, the client's close) and a refusal before accept.
+NORMAL, POLICY_VIOLATION = 1000, Unauthorized.ws_close_code
+
+
+class CloseConnection(Exception):
+    """End the connection with ``code`` after what was already sent."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+    @classmethod
+    def because(cls, error: CsmServeError, reason: str) -> CloseConnection:
+        """Close with the code ``error`` carries (1013 overloaded, 1008 unauthorized or too slow)."""
+        return cls(error.ws_close_code, reason)
 
 
 async def wait_for_child(task: asyncio.Task) -> None:
@@ -43,237 +57,9 @@ async def wait_for_child(task: asyncio.Task) -> None:
         raise
 
 
-class CloseConnection(Exception):
-    """End the connection with ``code`` after what was already sent."""
-
-    def __init__(self, code: int, reason: str):
-        super().__init__(reason)
-        self.code, self.reason = code, reason
-
-
-class Connection:
-    def __init__(self, websocket: WebSocket, state, authenticated: bool):
-        self.ws = websocket
-        self.state = state
-        self.settings = state.settings
-        settings = state.settings
-        self.session = Session(
-            state.limits, settings.max_pending_per_connection, settings.max_stream_chars, settings.max_contexts_per_connection
-        )
-        self.wake = asyncio.Event()
-        self.streaming: asyncio.Task | None = None
-        self.send_lock = asyncio.Lock()
-        self.authenticated = authenticated
-        self.counted = None
-
-    async def send_json(self, event: dict) -> None:
-        await self.send(json.dumps(event))
-
-    async def send(self, item: bytes | str) -> None:
-        """Send one frame; a client that has not read for ``max_lag_s`` is closed (its stream cancelled)."""
-        async with self.send_lock:
-            try:
-                with anyio.fail_after(self.settings.max_lag_s):
-                    if isinstance(item, bytes):
-                        await self.ws.send_bytes(item)
-                    else:
-                        await self.ws.send_text(item)
-            except TimeoutError:
-                self.state.metrics.slow_clients.inc()
-                raise CloseConnection(POLICY_VIOLATION, "client reads too slowly") from None
-
-    # -- receiving ------------------------------------------------------------------------------
-    async def receive(self) -> dict:
-        busy = self.session.current is not None or self.session.pending
-        if busy:
-            return await self.ws.receive()
-        if not self.authenticated:  # a stranger gets a short deadline, not the idle timeout
-            timeout, close = self.settings.auth_timeout_s, CloseConnection(POLICY_VIOLATION, "no API key in time")
-        else:
-            timeout, close = self.settings.idle_timeout_s, CloseConnection(NORMAL, "idle timeout")
-        try:
-            with anyio.fail_after(timeout):
-                return await self.ws.receive()
-        except TimeoutError:
-            raise close from None
-
-    def key_presented(self) -> None:
-        """The connection showed a valid key after accept: it leaves the ones waiting for it."""
-        if not self.authenticated:
-            self.authenticated = True
-            self.state.unauthenticated -= 1
-
-    def release(self) -> None:
-        """The connection ended: if it was still waiting for its key, its place is free."""
-        if not self.authenticated:
-            self.authenticated = True
-            self.state.unauthenticated -= 1
-
-    def count_disconnect(self) -> None:
-        """Count the current request as ``disconnected`` (once), when its client went away or was cut."""
-        job = self.session.current
-        if job is not None and job is not self.counted:
-            self.counted = job
-            self.state.metrics.disconnects.inc()
-            self.state.metrics.finished("ws", "disconnected")
-
-    async def authenticate(self, raw) -> bool:
-        """The first message of a connection without a header/query key must carry ``token``.
-
-        Returns whether the message was only that (``{"token": ...}``, optionally ``"type": "auth"``),
-        so that it is not also handled as a request."""
-        data = None
-        with contextlib.suppress(ValueError, TypeError, RecursionError):
-            data = json.loads(raw)
-        token = data.get("token") if isinstance(data, dict) else None
-        if self.state.keys.valid(token if isinstance(token, str) else None):
-            self.key_presented()
-            return set(data) <= {"token", "type"} and data.get("type") in (None, "auth")
-        await self.send_json(
-            error_event("unauthorized", "an API key is required: Authorization: Bearer, X-API-Key, ?token= or a token field")
-        )
-        raise CloseConnection(POLICY_VIOLATION, "unauthorized")
-
-    async def next_frame(self, message: dict, too_large=None) -> str | bytes | None:
-        """The payload of a received ``message``; None for a disconnect. A payload over
-        ``max_message_bytes`` is answered (``too_large(limit)`` builds the event) and also None."""
-        if message["type"] == "websocket.disconnect":
-            return None
-        raw = message.get("text")
-        if raw is None:
-            raw = message.get("bytes") or b""
-        limit = self.settings.max_message_bytes
-        size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else len(raw)  # bytes, not characters
-        if size > limit:
-            event = too_large(limit) if too_large else error_event("message_too_large", f"messages are limited to {limit} bytes")
-            await self.send_json(event)
-            return None
-        return raw
-
-    async def receive_loop(self) -> None:
-        while True:
-            message = await self.receive()
-            raw = await self.next_frame(message)
-            if message["type"] == "websocket.disconnect":
-                self.count_disconnect()
-                return
-            if raw is None:
-                continue
-            if not self.authenticated and await self.authenticate(raw):
-                continue  # an auth-only message
-            if self.state.draining:
-                await self.send_json(error_event("overloaded", "the server is shutting down; reconnect to another instance"))
-                raise CloseConnection(TRY_AGAIN_LATER, "draining")
-            outcome = self.session.handle(raw, time.monotonic())
-            for event in outcome.events:
-                if event.get("cancelled"):
-                    self.state.metrics.cancellations.inc()
-                await self.send_json(event)
-            if outcome.cancel_current and self.streaming is not None:
-                if self.session.current is not None and self.session.current.stream is None:
-                    self.state.metrics.cancellations.inc()
-                self.streaming.cancel()
-            self.wake.set()
-
-    # -- sending --------------------------------------------------------------------------------
-    async def send_loop(self) -> None:
-        while True:
-            job = self.session.next_job()
-            if job is None:
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            task = self.streaming = asyncio.create_task(self.run(job))
-            try:
-                await wait_for_child(task)
-            finally:
-                self.streaming = None
-                self.session.finish()
-            if task.cancelled():
-                if job.stream is None:  # a text stream's cancel was already answered by the session
-                    self.state.metrics.finished("ws", "cancelled")
-                    await self.send_json(done_event(job.request_id, cancelled=True))
-            elif task.exception() is not None:
-                raise task.exception()
-
-    async def run(self, job: Job) -> None:
-        request = job.request
-        current_request_id.set(request.request_id)
-        if job.final:
-            stream = job.stream
-            if stream.output is None:  # nothing was spoken on this stream
-                await self.send_json(done_event(request.request_id, context_id=stream.context_id, audio_ms=0))
-                return
-            for item in stream.output.finish():
-                await self.send(item)
-            self.state.metrics.finished("ws", "ok", stream.stats)
-            await self.send_json(
-                done_event(request.request_id, context_id=stream.context_id, **stream.stats.as_event_fields())
-            )
-            return
-        try:
-            self.state.enter("ws")
-        except Overloaded as exc:
-            await self.send_json(failure_event(exc, request.request_id))
-            raise CloseConnection(TRY_AGAIN_LATER, "overloaded") from None
-        try:
-            final = await self.stream(job)
-        finally:
-            self.state.leave()
-        if final is not None:  # sent with the slot already free: a slow reader holds only its connection
-            await self.send_json(final)
-
-    async def stream(self, job: Job) -> dict | None:
-        """Stream one job's audio; the frame that ends it (``done`` or an error), for the caller to send."""
-        request, engine, stream = job.request, self.state.engine, job.stream
-        stats = None
-        try:
-            if not engine.info.ready:
-                raise NotReady()
-            if stream is None:
-                stats = StreamStats(engine.sample_rate, started=job.received_at)
-                output = AudioOutput(request, stats)
-                continuation = None
-            else:
-                if stream.output is None:
-                    stream.stats = StreamStats(engine.sample_rate, started=stream.started_at)
-                    stream.output = AudioOutput(request, stream.stats)
-                    stream.continuation = Continuation()
-                output, continuation = stream.output, stream.continuation
-            synth = synthesis_request(request, self.settings, self.state.voices, continuation)
-            with deadline(self.settings.request_timeout_s):
-                async with contextlib.aclosing(stream_audio(engine, synth, output, finish=stream is None)) as items:
-                    async for item in items:  # closed on any exit: the engine stops generating
-                        await self.send(item)
-        except Overloaded as exc:
-            self.state.metrics.finished("ws", "rejected")
-            await self.send_json(failure_event(exc, request.request_id))
-            raise CloseConnection(TRY_AGAIN_LATER, "overloaded") from None
-        except CsmServeError as exc:
-            log.warning("request failed: %s", exc.message)
-            self.state.metrics.finished("ws", outcome_of(exc), stats)
-            return failure_event(exc, request.request_id)
-        except (WebSocketDisconnect, CloseConnection):
-            self.count_disconnect()
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - one request's failure must not end the connection
-            log.exception("request failed")
-            self.state.metrics.finished("ws", "error", stats)
-            return failure_event(GenerationFailed("generation failed"), request.request_id)
-        if stream is not None:
-            return None  # a text stream's done comes with its end
-        self.state.metrics.finished("ws", "ok", stats)
-        extra = {"ignored_fields": list(request.ignored_fields)} if request.ignored_fields else {}
-        return done_event(
-            request.request_id, **stats.as_event_fields(), sample_rate=request.sample_rate, format=request.format, **extra
-        )
-
-
-async def admit(websocket: WebSocket, state) -> bool | None:
+async def admit(websocket: WebSocket, state: ServerState) -> bool | None:
     """Check Origin and a header/query key before accepting. None: refused (403 before accept);
-    True: authenticated; False: the first message must carry the token."""
+    True: authenticated; False: the key must come in a message."""
     allowed = state.settings.allowed_origins
     origin = websocket.headers.get("origin")
     if allowed and origin not in allowed:
@@ -291,61 +77,130 @@ async def admit(websocket: WebSocket, state) -> bool | None:
     return True
 
 
-@router.websocket("/ws/generate")
-async def ws_generate(websocket: WebSocket) -> None:
-    state = websocket.app.state.csm
+async def accept(websocket: WebSocket, state: ServerState) -> Socket | None:
+    """Admit (:func:`admit`) and accept ``websocket``: its :class:`Socket`, or None when it was refused."""
     authenticated = await admit(websocket, state)
     if authenticated is None:
-        return
+        return None
     await websocket.accept()
-    if state.draining:
-        await websocket.send_text(json.dumps(error_event("overloaded", "the server is shutting down")))
-        await websocket.close(TRY_AGAIN_LATER, "draining")
-        return
-    if not authenticated and not wait_for_key(state):
-        await websocket.send_text(json.dumps(error_event("overloaded", WAITING_ROOM_FULL)))
-        await websocket.close(TRY_AGAIN_LATER, "too many unauthenticated connections")
-        return
-    connection = Connection(websocket, state, authenticated)
-    try:
-        await serve(connection)
-    finally:
-        connection.release()
+    return Socket(websocket, state, authenticated)
 
 
-WAITING_ROOM_FULL = "too many connections are waiting to authenticate"
+class Socket:
+    """One accepted WebSocket: lag-limited sends, bounded frames, the waiting room, the loops."""
 
+    def __init__(self, websocket: WebSocket, state: ServerState, authenticated: bool):
+        self.ws = websocket
+        self.state = state
+        self.settings = state.settings
+        self.authenticated = authenticated
+        self.send_lock = asyncio.Lock()
+        #: The first failure a child task reported (:meth:`fail`); it ends the connection.
+        self.failure: BaseException | None = None
+        self._waiting = False  # holds a place in the waiting room
+        self._loops: list[asyncio.Task] = []
 
-def wait_for_key(state) -> bool:
-    """Count an accepted connection without a key among those waiting for it; False (refuse it with
-    1013) when ``max_unauthenticated`` already wait. The :class:`Connection` gives the place back."""
-    if state.unauthenticated >= state.settings.max_unauthenticated:
-        return False
-    state.unauthenticated += 1
-    return True
+    # -- admission ----------------------------------------------------------------------------------
+    def refusal(self, message: str = SHUTTING_DOWN) -> Overloaded | None:
+        """Why new work is refused now (the server is draining: ``message``), or None."""
+        return Overloaded(message) if self.state.admission.draining else None
 
+    def wait_for_key(self) -> Overloaded | None:
+        """A socket without a key takes a place in the waiting room; the error when it is full."""
+        if self.authenticated or self._waiting:
+            return None
+        if not self.state.admission.wait_for_key():
+            return Overloaded(WAITING_ROOM_FULL)
+        self._waiting = True
+        return None
 
-async def serve(connection: Connection) -> None:
-    """Run a connection's two loops until one ends; close with the code it asked for."""
-    websocket = connection.ws
-    receiver = asyncio.create_task(connection.receive_loop())
-    sender = asyncio.create_task(connection.send_loop())
-    close = None
-    try:
-        done, _ = await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            exc = task.exception()
-            if isinstance(exc, CloseConnection):
-                close = exc
-            elif exc is not None and not isinstance(exc, WebSocketDisconnect):
-                log.warning("connection ended: %r", exc)
-    finally:
-        for task in (receiver, sender, connection.streaming):
-            if task is not None:
+    def accept_key(self, key: str | None) -> bool:
+        """Whether ``key`` (from a message) is valid; if so the socket leaves the waiting room."""
+        if not self.state.keys.valid(key):
+            return False
+        self.authenticated = True
+        self.release()
+        return True
+
+    def release(self) -> None:
+        """Give back the socket's place in the waiting room, if it holds one."""
+        if self._waiting:
+            self._waiting = False
+            self.state.admission.key_given()
+
+    # -- sending ------------------------------------------------------------------------------------
+    async def send_json(self, event: dict) -> None:
+        await self.send(json.dumps(event))
+
+    async def send(self, item: bytes | str) -> None:
+        """Send one frame; a client that has not read for ``max_lag_s`` is closed (its stream cancelled)."""
+        async with self.send_lock:
+            try:
+                with anyio.fail_after(self.settings.max_lag_s):
+                    if isinstance(item, bytes):
+                        await self.ws.send_bytes(item)
+                    else:
+                        await self.ws.send_text(item)
+            except TimeoutError:
+                self.state.metrics.slow_clients.inc()
+                raise CloseConnection.because(ClientTooSlow("client reads too slowly"), "client reads too slowly") from None
+
+    # -- receiving ----------------------------------------------------------------------------------
+    async def receive(self, timeout_s: float | None = None) -> dict | None:
+        """The next ASGI message (``websocket.receive`` or ``websocket.disconnect``); None when none
+        came within ``timeout_s``."""
+        if timeout_s is None:
+            return await self.ws.receive()
+        try:
+            with anyio.fail_after(timeout_s):
+                return await self.ws.receive()
+        except TimeoutError:
+            return None
+
+    def payload(self, message: dict) -> str | bytes:
+        """The payload of a received frame. Raises :class:`MessageTooLarge` past ``max_message_bytes``
+        (counted in bytes, not characters); the connection stays usable."""
+        raw = message.get("text")
+        if raw is None:
+            raw = message.get("bytes") or b""
+        limit = self.settings.max_message_bytes
+        size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else len(raw)
+        if size > limit:
+            raise MessageTooLarge(f"messages are limited to {limit} bytes")
+        return raw
+
+    # -- running ------------------------------------------------------------------------------------
+    def fail(self, exc: BaseException) -> None:
+        """A child task failed in a way that ends the connection (a slow client, an overload)."""
+        if self.failure is None:
+            self.failure = exc
+        for task in self._loops:
+            task.cancel()
+
+    async def serve(
+        self, loops: Iterable[Coroutine[Any, Any, None]], children: Callable[[], Iterable[asyncio.Task | None]] = tuple
+    ) -> None:
+        """Run the connection's loops until one ends (or :meth:`fail`); then cancel them and the tasks
+        ``children()`` names (asked first, so the protocol can count what was still in flight), and
+        close with the code a :class:`CloseConnection` asked for."""
+        tasks = self._loops = [asyncio.create_task(loop) for loop in loops]
+        close = None
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            ended = [self.failure] if self.failure is not None else [t.exception() for t in done if not t.cancelled()]
+            for exc in ended:
+                if isinstance(exc, CloseConnection):
+                    close = exc
+                elif exc is not None and not isinstance(exc, WebSocketDisconnect):
+                    log.warning("connection ended: %r", exc)
+        finally:
+            self.release()
+            everything = [*tasks, *(t for t in children() if t is not None)]
+            for task in everything:
                 task.cancel()
-        for task in (receiver, sender):
-            with contextlib.suppress(BaseException):
-                await task
-        if close is not None:
-            with contextlib.suppress(Exception):
-                await websocket.close(close.code, close.reason)
+            for task in everything:
+                with contextlib.suppress(BaseException):
+                    await task
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await self.ws.close(close.code, close.reason)

@@ -1,6 +1,6 @@
 """One ElevenLabs WebSocket's contexts, without sockets: client frames in, what to do out.
 
-Each context has its own text buffer (:class:`~csmserve.elevenlabs.text.ContextText`) and speaks
+Each context has its own text buffer (:class:`~csmserve.api.elevenlabs.text.ContextText`) and speaks
 its sentences in order as one continuous voice; contexts are independent and may speak at once.
 
 Closing a context (``close_context``) has two meanings in practice, told apart by what came last:
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from csmserve.elevenlabs.messages import (
+from csmserve.api.elevenlabs.messages import (
     DEFAULT_CONTEXT,
     CloseContext,
     CloseSocket,
@@ -27,7 +27,7 @@ from csmserve.elevenlabs.messages import (
     error_message,
     parse_message,
 )
-from csmserve.elevenlabs.text import DEFAULT_SCHEDULE, ContextText
+from csmserve.api.elevenlabs.text import DEFAULT_SCHEDULE, ContextText
 from csmserve.errors import InvalidRequest
 
 #: Contexts one connection may hold open at once: ElevenLabs' limit for multi-stream-input

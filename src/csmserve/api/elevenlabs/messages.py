@@ -27,11 +27,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from csmserve.elevenlabs.formats import OutputFormat, parse_output_format
+from pydantic import BaseModel, ConfigDict
+
+from csmserve.api.elevenlabs.formats import OutputFormat, parse_output_format
 from csmserve.errors import InvalidRequest
-from csmserve.protocol import parse_json_object
+from csmserve.server.payload import json_object
+from csmserve.speech import SpeechRequest, Turn
+from csmserve.speech.voices import VoiceChoice
 
 DEFAULT_CONTEXT = "default"
+#: A valid message, shown in errors about messages that are not one.
+EXAMPLE = '{"text": "Hello ", "context_id": "c1"}'
 MAX_CONTEXT_ID = 128
 TEXT_NORMALIZATION = ("auto", "on", "off")
 #: What the ElevenLabs reference says a client may send; other fields are refused as unknown.
@@ -103,9 +109,12 @@ def parse_query(params: Mapping[str, str]) -> StreamSettings:
 
 
 # -- client messages ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TextInput:
+# ElevenLabs' messages carry no type tag (flags tell them apart), so parse_message, not a TypeAdapter,
+# decides which one a frame is; each is still one pydantic type.
+class TextInput(BaseModel):
     """Text for a context (``text`` may be " ", the context's opening, or "", a keep-alive)."""
+
+    model_config = ConfigDict(frozen=True)
 
     context_id: str | None
     text: str
@@ -115,14 +124,14 @@ class TextInput:
     schedule: tuple[int, ...] | None = None
 
 
-@dataclass(frozen=True)
-class CloseContext:
+class CloseContext(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     context_id: str
 
 
-@dataclass(frozen=True)
-class CloseSocket:
-    pass
+class CloseSocket(BaseModel):
+    model_config = ConfigDict(frozen=True)
 
 
 ClientMessage = TextInput | CloseContext | CloseSocket
@@ -169,7 +178,7 @@ def parse_message(raw: str | bytes | None, max_text_chars: int) -> ClientMessage
     """One client frame as a typed message, or :class:`InvalidRequest` saying what is wrong."""
     if not isinstance(raw, str):
         raise InvalidRequest('expected a JSON text frame such as {"text": "Hello ", "context_id": "c1"}, got binary data')
-    data = parse_json_object(raw)
+    data = json_object(raw, EXAMPLE)
     unknown = sorted(set(data) - KNOWN_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field {unknown[0][:40]!r}; see ElevenLabs' WebSocket reference for the fields")
@@ -181,7 +190,7 @@ def parse_message(raw: str | bytes | None, max_text_chars: int) -> ClientMessage
     if _flag(data, "close_context"):
         if context_id is None:
             raise InvalidRequest("close_context needs the context_id to close")
-        return CloseContext(context_id)
+        return CloseContext(context_id=context_id)
     flush = _flag(data, "flush")
     if "text" not in data and not flush:
         raise InvalidRequest("a message needs text (\" \" opens a context, \"\" keeps it alive), flush, close_context or close_socket")
@@ -190,13 +199,16 @@ def parse_message(raw: str | bytes | None, max_text_chars: int) -> ClientMessage
         raise InvalidRequest("text must be a string")
     if len(text) > max_text_chars:
         raise InvalidRequest(f"text is {len(text)} characters; the limit is {max_text_chars}")
-    return TextInput(context_id, text, flush, _flag(data, "try_trigger_generation"), _schedule(data))
+    return TextInput(
+        context_id=context_id, text=text, flush=flush, try_trigger=_flag(data, "try_trigger_generation"),
+        schedule=_schedule(data),
+    )
 
 
 def key_of(raw: str | bytes | None) -> str | None:
     """The API key a first message carries (``xi_api_key``, ``xi-api-key``, ``authorization``), if any."""
     try:
-        data = parse_json_object(raw)
+        data = json_object(raw, EXAMPLE)
     except InvalidRequest:
         return None
     for name in ("xi_api_key", "xi-api-key"):
@@ -209,6 +221,16 @@ def key_of(raw: str | bytes | None) -> str | None:
 def key_of_authorization(value: str) -> str:
     """The key in an ``authorization`` value: "Bearer <key>", or the key alone."""
     return value[7:].strip() if value[:7].lower() == "bearer " else value
+
+
+# -- to speech ------------------------------------------------------------------------------------
+def speech_request(
+    voice: VoiceChoice, text: str, *, seed: int | None, request_id: str | None, context: tuple[Turn, ...] = ()
+) -> SpeechRequest:
+    """One sentence of a context (or of an HTTP request's text) in the ``voice_id``'s voice."""
+    return SpeechRequest(
+        text=text, speaker_id=voice.speaker_id, voice=voice.voice, seed=seed, request_id=request_id, context=context
+    )
 
 
 # -- server messages ------------------------------------------------------------------------------

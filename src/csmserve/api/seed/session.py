@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
-from csmserve.errors import CsmServeError, InvalidRequest
-from csmserve.protocol import (
+from csmserve.api.seed.messages import (
     CancelMessage,
     FlushMessage,
     GenerateRequest,
@@ -27,21 +25,21 @@ from csmserve.protocol import (
     parse_client_message,
     request_id_of,
 )
+from csmserve.errors import CsmServeError, InvalidRequest
+from csmserve.speech import SentenceStream
 from csmserve.text.sentences import SentenceBuffer
 
 
 @dataclass
 class TextStream:
-    """One ``context_id``'s stream: its options (from the first message), pending text, and state
-    carried from sentence to sentence (the engine's continuation, the audio output, the stats)."""
+    """One ``context_id``'s stream: its options (from the first message), pending text, and the audio
+    stream its sentences are spoken into (set by the adapter when the first sentence is spoken)."""
 
     context_id: str
     options: GenerateRequest
     started_at: float
     buffer: SentenceBuffer = field(default_factory=SentenceBuffer)
-    continuation: Any = None
-    output: Any = None
-    stats: Any = None
+    audio: SentenceStream | None = None
     ended: bool = False
     #: Characters of text received on this context so far (bounded by ``max_stream_chars``).
     chars: int = 0

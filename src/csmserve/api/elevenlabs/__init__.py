@@ -7,9 +7,8 @@ pipecat's ``ElevenLabsTTSService``, LiveKit Agents' ``elevenlabs.TTS`` and the o
   ``WS /v1/text-to-speech/{voice_id}/stream-input`` (one context);
 * ``POST /v1/text-to-speech/{voice_id}`` (+ ``/stream``, ``/with-timestamps``, ``/stream/with-timestamps``).
 
-This package is the socket-free part: output formats (:mod:`.formats`), query parameters and
-client messages (:mod:`.messages`), one socket's contexts (:mod:`.session`), text buffering and
-character timings (:mod:`.text`), the voice list (:mod:`.voices`). The routes are in
-:mod:`csmserve.server.elevenlabs_ws` and :mod:`csmserve.server.elevenlabs_http`.
-Never imports torch.
+Socket-free: output formats (:mod:`.formats`), query parameters, client messages and their
+translation into speech (:mod:`.messages`), one socket's contexts (:mod:`.session`), text buffering
+and character timings (:mod:`.text`), what a ``voice_id`` names (:mod:`.voices`). The routes:
+:mod:`.websocket` and :mod:`.rest`, together in :mod:`.routes`. Never imports torch.
 """

@@ -10,7 +10,7 @@ text-only turn of the same speaker); ``model_id``, ``voice_settings``, ``next_te
 
 Every route follows the shared rule of :mod:`csmserve.server.streaming`: the streamed ones go through
 :func:`guarded_stream` (admission, deadline, slow-reader cut, cancel on disconnect), the whole-file
-ones through :class:`Slot` and :func:`until_disconnect`.
+ones through :func:`collected`.
 """
 
 from __future__ import annotations
@@ -23,19 +23,22 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from csmserve.elevenlabs.formats import ChunkedAudio, OutputFormat, parse_output_format
-from csmserve.elevenlabs.messages import parse_seed
-from csmserve.elevenlabs.text import http_alignment
-from csmserve.engine import Continuation
+from csmserve.api.elevenlabs.formats import OutputFormat, output_sink, parse_output_format
+from csmserve.api.elevenlabs.messages import parse_seed, speech_request
+from csmserve.api.elevenlabs.text import http_alignment
+from csmserve.api.elevenlabs.voices import voice_not_found, voice_of
 from csmserve.errors import CsmServeError, InvalidRequest, NotReady, Overloaded
 from csmserve.logs import request_id
-from csmserve.pipeline import stream_audio, synthesis_request
-from csmserve.protocol import parse_json_object, parse_options
-from csmserve.server.elevenlabs_ws import voice_fields, voice_not_found
-from csmserve.server.streaming import ClientGone, Slot, guarded_stream, outcome_of, until_disconnect
+from csmserve.server.payload import json_object
+from csmserve.server.state import ServerState, state_of
+from csmserve.server.streaming import collected, guarded_stream
+from csmserve.speech import Turn
+from csmserve.speech.voices import VoiceChoice, speaker_of
 from csmserve.text.sentences import split_sentences
 
 ENDPOINT = "elevenlabs"
+#: A valid body, shown in errors about bodies that are not one.
+EXAMPLE = '{"text": "Hello there."}'
 router = APIRouter(prefix="/v1/text-to-speech")
 
 #: A piece of the output: encoded bytes, and after each sentence its (text, start ms, duration ms).
@@ -52,47 +55,55 @@ def invalid_field(where: str, name: str, message: str) -> JSONResponse:
     return JSONResponse({"detail": [{"loc": [where, name], "msg": message, "type": "value_error"}]}, status_code=422)
 
 
+#: ElevenLabs' names for the errors it has; the others keep csmserve's code.
+STATUS_NAMES = {Overloaded: "too_many_concurrent_requests", NotReady: "service_unavailable"}
+
+
+def error_response(exc: CsmServeError) -> JSONResponse:
+    """An admission or engine error in ElevenLabs' shape (its SDK raises its usual exception); a
+    generation failure's internal text stays in the log (``to_dict``)."""
+    status = STATUS_NAMES.get(type(exc), exc.code)
+    return detail(exc.http_status, status, exc.to_dict()["message"], **exc.headers())
+
+
 class Speech:
     """One validated request, ready to speak."""
 
-    def __init__(self, state, fields: dict, text: str, output: OutputFormat, seed: int | None, previous: str | None):
-        self.state, self.fields, self.text, self.output = state, fields, text, output
+    def __init__(
+        self, state: ServerState, voice: VoiceChoice, text: str, output: OutputFormat, seed: int | None,
+        previous: str | None,
+    ):
+        self.state, self.voice, self.text, self.output = state, voice, text, output
         self.seed, self.previous = seed, previous
 
-    def _context(self) -> list[dict] | None:
+    def _context(self) -> tuple[Turn, ...]:
         """``previous_text`` as a text-only turn of the speaker (a registered voice's own speaker id)."""
         if not self.previous:
-            return None
-        speaker = self.fields.get("speaker_id")
-        if speaker is None:
-            voice = self.state.voices.get(self.fields["voice"])
-            speaker = voice.speaker_id if voice is not None else 0  # deleted meanwhile: the request fails anyway
-        return [{"speaker_id": speaker, "text": self.previous[: self.state.settings.max_text_chars]}]
+            return ()
+        speaker = speaker_of(self.voice, self.state.voices)
+        return (Turn(speaker, self.previous[: self.state.settings.max_text_chars]),)
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """The audio as it is generated; raises :class:`CsmServeError`. Admission, deadline and
         disconnects are the caller's (:mod:`csmserve.server.streaming`); closing this closes the engine's stream."""
-        state = self.state
-        audio = ChunkedAudio(self.output, state.settings.default_chunk_ms)
-        continuation = Continuation()
+        speech = self.state.speech
+        audio = speech.sentences(output_sink(self.output, speech.stats(), self.state.settings.default_chunk_ms))
         for i, sentence in enumerate(split_sentences(self.text)):
-            context = self._context() if i == 0 else None
-            fields = {**self.fields, "seed": self.seed, "context": context, "request_id": request_id.get()}
-            request = parse_options(fields, state.limits, sentence)
-            synth = synthesis_request(request, state.settings, state.voices, continuation)
-            start = audio.samples
-            async with contextlib.aclosing(stream_audio(state.engine, synth, audio, finish=False)) as chunks:
+            context = self._context() if i == 0 else ()
+            request = speech_request(self.voice, sentence, seed=self.seed, request_id=request_id.get(), context=context)
+            start = audio.stats.samples
+            async with contextlib.aclosing(audio.speak(request)) as chunks:
                 async for chunk in chunks:
                     yield chunk, None
-            rate = state.engine.sample_rate
+            rate = speech.sample_rate
             spoken = (" " if i else "") + sentence
-            yield audio.cut(), (spoken, 1000 * start / rate, 1000 * (audio.samples - start) / rate)
-        yield audio.finish(), None
+            yield b"".join(audio.cut()), (spoken, 1000 * start / rate, 1000 * (audio.stats.samples - start) / rate)
+        yield b"".join(audio.finish()), None
 
 
 async def parse(request: Request, voice_id: str) -> Speech | JSONResponse:
     """The validated request, or the error response (nothing admitted yet)."""
-    state = request.app.state.csm
+    state = state_of(request)
     try:
         output = parse_output_format(request.query_params.get("output_format"))
     except InvalidRequest as exc:
@@ -101,7 +112,7 @@ async def parse(request: Request, voice_id: str) -> Speech | JSONResponse:
     if latency is not None and latency not in ("0", "1", "2", "3", "4"):
         return invalid_field("query", "optimize_streaming_latency", "must be an integer from 0 to 4")
     try:
-        body = parse_json_object((await request.body()).decode("utf-8", errors="replace"))
+        body = json_object((await request.body()).decode("utf-8", errors="replace"), EXAMPLE)
     except InvalidRequest as exc:
         return invalid_field("body", "text", exc.message)
     text = body.get("text")
@@ -117,20 +128,11 @@ async def parse(request: Request, voice_id: str) -> Speech | JSONResponse:
         seed = parse_seed(body.get("seed"))
     except InvalidRequest as exc:
         return invalid_field("body", "seed", exc.message)
-    fields = voice_fields(voice_id, state)
-    if fields is None:
+    voice = voice_of(voice_id, state.voices, state.settings)
+    if voice is None:
         return detail(404, "voice_not_found", voice_not_found(voice_id))
-    if not state.engine.info.ready:
-        return detail(503, "service_unavailable", NotReady.LOADING, **{"Retry-After": "5"})
-    return Speech(state, fields, text, output, seed, previous or None)
-
-
-def failed(exc: CsmServeError) -> JSONResponse:
-    """An admission or engine error in ElevenLabs' shape (its SDK raises its usual exception); a
-    generation failure's internal text stays in the log (``to_dict``)."""
-    headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else {}
-    status = "too_many_concurrent_requests" if isinstance(exc, Overloaded) else exc.code
-    return detail(exc.http_status, status, exc.to_dict()["message"], **headers)
+    # Blank previous_text says nothing: no context turn (a text-only turn needs words).
+    return Speech(state, voice, text, output, seed, previous if previous and previous.strip() else None)
 
 
 async def respond(voice_id: str, request: Request, *, streamed: bool, timestamps: bool) -> Response:
@@ -141,20 +143,13 @@ async def respond(voice_id: str, request: Request, *, streamed: bool, timestamps
     if streamed:
         body = timed_lines(speech) if timestamps else audio_bytes(speech)
         media_type = "application/x-ndjson" if timestamps else speech.output.media_type
-        try:
-            return await guarded_stream(speech.state, ENDPOINT, body, media_type)
-        except CsmServeError as exc:
-            return failed(exc)
+        return await guarded_stream(speech.state, ENDPOINT, body, media_type, error_response)
     return await whole_file(request, speech, timestamps)
 
 
 async def whole_file(request: Request, speech: Speech, timestamps: bool) -> Response:
     """The whole audio (or its JSON with timings), generated under the shared rule: admission (429),
     deadline, cancelled on disconnect."""
-    try:
-        slot = Slot(speech.state, ENDPOINT)
-    except Overloaded as exc:
-        return failed(exc)
     audio, spans = bytearray(), []
 
     async def collect() -> None:
@@ -164,18 +159,9 @@ async def whole_file(request: Request, speech: Speech, timestamps: bool) -> Resp
                 if span is not None:
                     spans.append(span)
 
-    try:
-        await until_disconnect(request, slot, collect)
-    except ClientGone:
-        slot.leave("disconnected")
-        return Response(status_code=499)  # nobody reads it; the generation was cancelled
-    except CsmServeError as exc:
-        slot.leave(outcome_of(exc))
-        return failed(exc)
-    except BaseException:
-        slot.leave("error")
-        raise
-    slot.leave("ok")
+    failure = await collected(request, speech.state, ENDPOINT, collect, error_response)
+    if failure is not None:
+        return failure
     if not timestamps:
         return Response(bytes(audio), media_type=speech.output.media_type)
     return JSONResponse(timed_chunk(bytes(audio), spans))

@@ -10,14 +10,16 @@ import contextlib
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from csmserve.api.seed.messages import Limits, parse_generate, parse_json_object
 from csmserve.audio.wav import pcm16_to_wav
-from csmserve.errors import InvalidRequest, NotFound, NotReady, Overloaded
+from csmserve.errors import InvalidRequest, NotFound
 from csmserve.logs import request_id
-from csmserve.pipeline import AudioOutput, StreamStats, stream_audio, synthesis_request
-from csmserve.protocol import parse_generate, parse_json_object
-from csmserve.server.streaming import ClientGone, Slot, collected
+from csmserve.server.errors import error_response
+from csmserve.server.state import state_of
+from csmserve.server.streaming import collected
 
 router = APIRouter()
+ENDPOINT = "rest"
 
 
 def _wants_wav(request: Request) -> bool:
@@ -27,42 +29,28 @@ def _wants_wav(request: Request) -> bool:
 
 @router.post("/generate")
 async def generate(request: Request) -> Response:
-    state = request.app.state.csm
+    state = state_of(request)
     body = await request.body()
     try:
         data = parse_json_object(body.decode("utf-8", errors="replace"))
     except InvalidRequest as exc:
-        return JSONResponse({"error": exc.to_dict()}, status_code=400)
-    parsed = parse_generate(data, state.limits)
-    engine = state.engine
-    if not engine.info.ready:
-        error = NotReady()
-        return JSONResponse({"error": error.to_dict()}, status_code=503, headers={"Retry-After": "5"})
+        return error_response(exc, status=400)
+    parsed = parse_generate(data, Limits.from_settings(state.settings))
     if parsed.framing is not None:
         raise InvalidRequest("framing is for WebSocket streams; POST /generate returns a WAV file")
     request_id.set(parsed.request_id)
-    stats = StreamStats(engine.sample_rate)
-    pcm = bytearray()
     # 16-bit PCM at the requested rate; a G.711 format is applied by the WAV writer.
-    as_pcm = {"chunk_ms": 1000, "format": "pcm_s16le"}
-    output = AudioOutput(parsed.model_copy(update=as_pcm), stats)
-    try:
-        slot = Slot(state, "rest")
-    except Overloaded as exc:
-        return JSONResponse({"error": exc.to_dict()}, status_code=429, headers={"Retry-After": "1"})
+    sink = parsed.model_copy(update={"chunk_ms": 1000, "format": "pcm_s16le"}).output_sink(state.speech.stats())
+    pcm = bytearray()
 
     async def collect() -> None:
-        synth = synthesis_request(parsed, state.settings, state.voices)
-        async with contextlib.aclosing(stream_audio(engine, synth, output)) as chunks:
+        async with contextlib.aclosing(state.speech.stream(parsed.to_speech_request(), sink)) as chunks:
             async for chunk in chunks:
                 pcm.extend(chunk)
 
-    failure = await collected(request, slot, collect, stats)
-    if isinstance(failure, ClientGone):
-        return Response(status_code=499)  # nobody reads it; the generation was cancelled
+    failure = await collected(request, state, ENDPOINT, collect, error_response, sink.stats)
     if failure is not None:
-        headers = {"Retry-After": "1"} if failure.http_status in (429, 503) else None
-        return JSONResponse({"error": failure.to_dict()}, status_code=failure.http_status, headers=headers)
+        return failure
     wav = pcm16_to_wav(bytes(pcm), parsed.sample_rate, parsed.format)
     if _wants_wav(request):
         return Response(wav, media_type="audio/wav")
@@ -73,7 +61,7 @@ async def generate(request: Request) -> Response:
         "format": "wav",
         "encoding": parsed.format,
         "sample_rate": parsed.sample_rate,
-        "duration_s": round(stats.samples / engine.sample_rate, 3),
+        "duration_s": round(sink.stats.samples / state.speech.sample_rate, 3),
         "samples": len(pcm) // 2,
         "bytes": stored.size,
         "expires_in_s": state.settings.audio_ttl_s,
@@ -85,7 +73,7 @@ async def generate(request: Request) -> Response:
 
 @router.get("/audio/{name}")
 async def download(name: str, request: Request) -> Response:
-    store = request.app.state.csm.store
+    store = state_of(request).store
     audio_id = name[:-4] if name.endswith(".wav") else None
     item = store.get(audio_id) if audio_id else None
     if item is None:

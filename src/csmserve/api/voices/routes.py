@@ -1,5 +1,9 @@
 """``/v1/voices``: register a voice from a reference clip, list, show and delete voices.
 
+The list comes in csmserve's shape (``data``) and in ElevenLabs' (``voices``: CSM's speaker ids
+first as "premade" voices "0".."9", then the registered voices as "cloned" ones), so that a
+framework's voice picker, or the ElevenLabs SDK's ``voices.get_all()``, finds both.
+
 A voice is encoded with the model's own codec (Mimi) once, at registration, on the model worker;
 requests that name it get its codes as CSM context, so nothing is re-encoded per request.
 """
@@ -13,10 +17,10 @@ from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from csmserve.audio.decode import decode_clip
-from csmserve.elevenlabs.voices import elevenlabs_voices
 from csmserve.errors import Conflict, InvalidRequest, NotFound, NotReady, Overloaded
-from csmserve.server.openai_api import OPENAI_VOICES
-from csmserve.voices import ID_PATTERN
+from csmserve.server.state import ServerState, state_of
+from csmserve.speech.voices import reserved_name
+from csmserve.voices import Voice
 
 router = APIRouter(prefix="/v1/voices")
 #: Uploads that may wait for a decoder; more are refused with a 429.
@@ -31,7 +35,7 @@ async def create_voice(
     name: str = Form(...),
     speaker_id: int = Form(0),
 ) -> JSONResponse:
-    state = request.app.state.csm
+    state = state_of(request)
     settings = state.settings
     if not name.strip() or len(name) > 64:
         raise InvalidRequest("name must be 1 to 64 characters")
@@ -48,7 +52,7 @@ async def create_voice(
             status_code=413,
         )
     name = name.strip()
-    if name.casefold() in OPENAI_VOICES or name.isdigit() or ID_PATTERN.match(name):
+    if reserved_name(name):
         raise Conflict(f"{name!r} is reserved (an OpenAI voice name, a speaker id or a voice id); pick another name")
     if state.voices.get(name) is not None:
         raise Conflict(f"a voice named {name!r} exists already; pick another name or delete it first")
@@ -60,7 +64,7 @@ async def create_voice(
     return JSONResponse(voice.public(), status_code=201)
 
 
-async def decode_off_loop(state, data: bytes):
+async def decode_off_loop(state: ServerState, data: bytes):
     """Decode an upload in a worker thread, a few at a time (``state.decoders``); when that many are
     already waiting, a 429: decoding is bounded work, never on the event loop."""
     settings, limiter = state.settings, state.decoders
@@ -73,10 +77,23 @@ async def decode_off_loop(state, data: bytes):
     return await anyio.to_thread.run_sync(decode, limiter=limiter)
 
 
+def elevenlabs_voices(voices: list[Voice], min_speaker_id: int, max_speaker_id: int) -> list[dict]:
+    """The voices as ElevenLabs lists them: ``{"voice_id", "name", "category", "labels"}`` each."""
+    speakers = [
+        {"voice_id": str(i), "name": f"CSM speaker {i}", "category": "premade", "labels": {}}
+        for i in range(min_speaker_id, max_speaker_id + 1)
+    ]
+    registered = [
+        {"voice_id": v.id, "name": v.name, "category": "cloned", "labels": {"speaker_id": str(v.speaker_id)}}
+        for v in voices
+    ]
+    return speakers + registered
+
+
 @router.get("")
 async def list_voices(request: Request) -> dict:
     """csmserve's list (``data``), and ElevenLabs' (``voices``: speaker ids and registered voices)."""
-    state = request.app.state.csm
+    state = state_of(request)
     voices = state.voices.list()
     settings = state.settings
     return {
@@ -88,7 +105,7 @@ async def list_voices(request: Request) -> dict:
 
 @router.get("/{voice_id}")
 async def get_voice(voice_id: str, request: Request) -> dict:
-    voice = request.app.state.csm.voices.get(voice_id)
+    voice = state_of(request).voices.get(voice_id)
     if voice is None:
         raise NotFound(f"no voice {voice_id[:64]!r}")
     return voice.public()
@@ -96,7 +113,7 @@ async def get_voice(voice_id: str, request: Request) -> dict:
 
 @router.delete("/{voice_id}")
 async def delete_voice(voice_id: str, request: Request) -> dict:
-    store = request.app.state.csm.voices
+    store = state_of(request).voices
     voice = store.get(voice_id)
     if voice is None or not store.delete(voice.id):
         raise NotFound(f"no voice {voice_id[:64]!r}")

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from csmserve.audio.containers import CODEC_FORMATS, CodecStreamEncoder
 from csmserve.audio.formats import PCM_RATES, AudioEncoder, make_encoder
-from csmserve.audio.pcm import Chunker
 from csmserve.errors import InvalidRequest
+from csmserve.speech import AudioSink, StreamStats
+from csmserve.speech.sink import InChunks
 
 #: ElevenLabs' own default (its documentation's default for every endpoint).
 DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"
@@ -57,29 +56,14 @@ def parse_output_format(name: str | None) -> OutputFormat:
     return OutputFormat(name, codec, int(rate), int(rest[0]) * 1000 if rest else None)
 
 
-class ChunkedAudio:
+def output_sink(output: OutputFormat, stats: StreamStats, chunk_ms: int = 200) -> AudioSink:
     """One stream's encoded audio, cut into chunks of ``chunk_ms`` (whole samples for PCM and G.711).
 
-    :meth:`cut` releases the partial chunk held back (at a sentence end, so that the sentence's
-    last audio goes out with its alignment); the encoder's state carries on, so the bytes of all
-    chunks together are the same whatever the cuts. ``samples`` counts engine samples (24 kHz) fed.
+    :meth:`AudioSink.cut` releases the partial chunk held back (at a sentence end, so that the
+    sentence's last audio goes out with its alignment); the encoder's state carries on, so the bytes
+    of all chunks together are the same whatever the cuts.
     """
-
-    def __init__(self, output: OutputFormat, chunk_ms: int = 200):
-        self.encoder = output.encoder()
-        width = output.bytes_per_sample
-        per_second = output.sample_rate * width if width else (output.bit_rate or 128_000) // 8
-        size = max(1, per_second * chunk_ms // 1000)
-        self._chunker = Chunker(size - size % width if width else size)
-        self.samples = 0
-
-    def feed(self, audio: np.ndarray) -> list[bytes]:
-        self.samples += len(audio)
-        return list(self._chunker.push(self.encoder.encode(audio)))
-
-    def cut(self) -> bytes:
-        return self._chunker.flush()
-
-    def finish(self) -> bytes:
-        """Everything left at the end of the stream (the encoder's tail); the stream is over."""
-        return b"".join([*self._chunker.push(self.encoder.flush()), self._chunker.flush()])
+    width = output.bytes_per_sample
+    per_second = output.sample_rate * width if width else (output.bit_rate or 128_000) // 8
+    size = max(1, per_second * chunk_ms // 1000)
+    return AudioSink(output.encoder(), stats, InChunks(size - size % width if width else size))

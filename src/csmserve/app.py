@@ -1,0 +1,143 @@
+"""The application factory: one engine, one audio store, every API's routes, and loading in the background.
+
+The top of the layers: the only module that imports the API packages (``csmserve.api.<name>.routes``),
+over the shared rule of :mod:`csmserve.server` and the speech layer (``[tool.importlinter]``).
+The server listens while the model loads (``/health`` says ``loading`` with 503) and reports
+``healthy`` once the engine is ready. A load failure is logged with its actionable message and
+handed to ``on_load_failed`` (the CLI uses it to exit non-zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from csmserve import __version__
+from csmserve.api.elevenlabs import routes as elevenlabs
+from csmserve.api.openai import routes as openai
+from csmserve.api.seed import routes as seed
+from csmserve.api.voices import routes as voices
+from csmserve.config import Settings
+from csmserve.engine import Engine, create_engine
+from csmserve.errors import CsmServeError
+from csmserve.metrics import Metrics
+from csmserve.server import demo, health
+from csmserve.server.admission import Admission
+from csmserve.server.auth import KeyChecker
+from csmserve.server.errors import error_response, validation_error_response
+from csmserve.server.guard import Guard
+from csmserve.server.state import ServerState
+from csmserve.server.store import AudioStore
+from csmserve.server.watchdog import Watchdog
+from csmserve.speech import Speech
+from csmserve.voices import VoiceStore
+
+log = logging.getLogger(__name__)
+#: Voice uploads decoded at once (each in a worker thread); more wait, and past that get a 429.
+DECODE_THREADS = 2
+
+
+def build_state(settings: Settings, engine: Engine) -> ServerState:
+    """Everything the routes share, for ``engine`` (not yet started)."""
+    metrics = Metrics()
+    voices = VoiceStore(settings.voices_dir)
+    state = ServerState(
+        settings=settings,
+        engine=engine,
+        speech=Speech(engine, settings, voices),
+        store=AudioStore(settings.audio_dir, settings.audio_max_files, settings.audio_max_bytes, settings.audio_ttl_s),
+        voices=voices,
+        metrics=metrics,
+        keys=KeyChecker(settings.api_keys),
+        admission=Admission(
+            metrics, lambda: settings.resolved_max_streams(engine.capacity().max_batch), settings.max_unauthenticated
+        ),
+        watchdog=Watchdog(engine.capacity, settings.stall_timeout_s, armed=lambda: engine.info.ready),
+    )
+    metrics.watch_capacity(engine.capacity)
+    if hasattr(engine, "prefill_positions"):
+        metrics.watch_prefill(lambda: engine.prefill_positions)
+    return state
+
+
+async def load(state: ServerState, on_load_failed: Callable[[CsmServeError], None] | None) -> None:
+    """Start the engine; a failure is recorded (``/health`` says it), logged and handed to ``on_load_failed``."""
+    try:
+        await state.engine.start()
+    except Exception as exc:  # noqa: BLE001 - reported, and the server says so on /health
+        if isinstance(exc, CsmServeError):
+            error = exc
+            log.error("model load failed: %s", exc.message)
+        else:
+            error = CsmServeError(f"model load failed: {type(exc).__name__}: {exc}")
+            log.exception("model load failed")
+        state.load_error = error
+        state.engine.info.failed = error.message
+        if on_load_failed:
+            on_load_failed(error)
+    else:
+        log.info("ready: ws://%s:%s/ws/generate", state.settings.host, state.settings.port)
+
+
+def build_app(state: ServerState, on_load_failed: Callable[[CsmServeError], None] | None = None) -> FastAPI:
+    """The FastAPI app over ``state``: lifespan (load, watchdog), middleware, error shape, routes."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.decoders = anyio.CapacityLimiter(DECODE_THREADS)
+        tasks = [asyncio.create_task(load(state, on_load_failed)), asyncio.create_task(state.watchdog.run())]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+            await state.engine.close()
+
+    app = FastAPI(title="csmserve", version=__version__, lifespan=lifespan)
+    app.state.csm = state
+    app.add_middleware(Guard, state=state)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(CsmServeError)
+    async def _csm_error(_request: Request, exc: CsmServeError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error_response(exc)
+
+    app.include_router(health.router)
+    app.include_router(seed.router)
+    app.include_router(voices.router)
+    app.include_router(openai.router)
+    app.include_router(elevenlabs.router)
+    app.include_router(demo.router)
+    return app
+
+
+def create_app(
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+    on_load_failed: Callable[[CsmServeError], None] | None = None,
+) -> FastAPI:
+    settings = settings or Settings()
+    state = build_state(settings, engine or create_engine(settings))
+    if not state.keys.enabled:
+        log.warning(
+            "no API keys configured (CSM_API_KEYS): anyone who can reach this port can use the model"
+        )
+    return build_app(state, on_load_failed)
