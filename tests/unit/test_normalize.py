@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csmserve.elevenlabs.text import spread_timings
+from csmserve.api.elevenlabs.text import spread_timings
 from csmserve.text import normalize as normalize_module
 from csmserve.text.normalize import Normalized, normalize, normalize_for_speech
 from csmserve.text.rules_en import Rule
