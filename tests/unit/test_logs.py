@@ -101,14 +101,19 @@ def root_records():
 
 
 def emit(logger_name: str, message: str) -> None:
-    """Log ``message`` as the named library logger does, through the root logger's handlers."""
-    logger = logging.getLogger(logger_name)
-    propagate = logger.propagate
-    logger.propagate = True  # transformers keeps its own handler; the filter sits on the logger itself
+    """Log ``message`` as the named library logger does, through the root logger's handlers.
+
+    transformers keeps its own handler on its library logger and stops propagation there once it has
+    configured itself (any earlier test that loaded a model): propagate through it for the test."""
+    chain = [logging.getLogger(logger_name), logging.getLogger(logger_name.split(".")[0])]
+    saved = [logger.propagate for logger in chain]
+    for logger in chain:
+        logger.propagate = True  # the filter sits on the logger itself
     try:
-        logger.warning(message)
+        chain[0].warning(message)
     finally:
-        logger.propagate = propagate
+        for logger, propagate in zip(chain, saved):
+            logger.propagate = propagate
 
 
 def test_transformers_token_id_config_warning_is_dropped(root_records):
