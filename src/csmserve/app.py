@@ -57,8 +57,10 @@ def build_state(settings: Settings, engine: Engine) -> ServerState:
         voices=voices,
         metrics=metrics,
         keys=KeyChecker(settings.api_keys),
-        admission=Admission(metrics, settings.max_streams, settings.max_unauthenticated),
-        watchdog=Watchdog(engine.capacity, settings.stall_timeout_s),
+        admission=Admission(
+            metrics, lambda: settings.resolved_max_streams(engine.capacity().max_batch), settings.max_unauthenticated
+        ),
+        watchdog=Watchdog(engine.capacity, settings.stall_timeout_s, armed=lambda: engine.info.ready),
     )
     metrics.watch_capacity(engine.capacity)
     if hasattr(engine, "prefill_positions"):

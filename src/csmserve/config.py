@@ -38,7 +38,25 @@ class Settings(BaseSettings):
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="torch.compile the per-token steps (CUDA graphs on a GPU). auto: on with CUDA, off on CPU.",
+        description=(
+            "torch.compile (inductor) the frame step: fused kernels, compiled for every batch size at start-up "
+            "(minutes the first time; see compile_cache_dir). auto: off (on a GPU the step is still one "
+            "captured CUDA graph of the eager kernels; see cuda_graphs)."
+        ),
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description=(
+            "On a GPU, capture the frame step of every batch-size bucket in a CUDA graph at start-up: one "
+            "graph replay per step instead of thousands of kernel launches."
+        ),
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description=(
+            "Where torch.compile keeps its caches (TORCHINDUCTOR_CACHE_DIR): put it on a persistent volume "
+            "so a restart does not compile again. Unset: torch's default (a temporary directory)."
+        ),
     )
     engine: Literal["csm", "fake"] = Field(
         "csm", description="csm: the model. fake: a deterministic tone generator for tests and load tests."
@@ -57,16 +75,18 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description=(
-            "Streams generated together in one batched step (each holds a KV-cache slot). "
-            "Unset: 64 on a GPU, 8 on a CPU. More streams than this wait in the queue."
+            "Streams generated together in one batched step (each holds a KV-cache slot). Unset: on a GPU as "
+            "many as fit in 80 percent of its free memory, at most 256; 8 on a CPU. More streams than this wait in "
+            "the queue."
         ),
     )
-    prefill_chunk: int = Field(
-        256,
+    prefill_chunk: int | None = Field(
+        None,
         ge=1,
         description=(
-            "Prompt positions prefilled per step: a long prompt joins in chunks between the others' frames, "
-            "so an active stream's gap stays about one step plus one chunk."
+            "Prompt positions prefilled per step, for all the prompts joining in it together (one batched "
+            "forward): a long prompt joins in chunks between the others' frames, so an active stream's gap "
+            "stays about one step plus one chunk. Unset: 4096 on a GPU, 256 on a CPU."
         ),
     )
     warmup: bool = Field(True, description="Run one short generation at start-up before reporting ready.")
@@ -97,8 +117,18 @@ class Settings(BaseSettings):
     protect_metrics: bool = Field(True, description="/metrics needs an API key when keys are configured.")
 
     # Admission and limits
-    max_streams: int = Field(16, ge=1, description="Requests streaming at once (all connections); more get 1013/429.")
-    max_queue: int = Field(32, ge=1, description="Requests waiting for the model worker; more get 1013/429.")
+    max_streams: int | None = Field(
+        None,
+        ge=1,
+        description="Requests streaming at once (all connections); more get 1013/429. Unset: the engine's batch "
+        "(max_batch), at least 16.",
+    )
+    max_queue: int | None = Field(
+        None,
+        ge=1,
+        description="Requests waiting for a row of the engine; more get 1013/429. Unset: the engine's batch, at "
+        "least 32.",
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="Deadline for one request, from its start.")
     max_lag_s: float = Field(10.0, gt=0, description="A client that stops reading for this long is closed.")
     idle_timeout_s: float = Field(300.0, gt=0, description="A WebSocket with nothing to do for this long is closed.")
@@ -172,10 +202,25 @@ class Settings(BaseSettings):
         return self
 
     def resolved_max_batch(self, device: str) -> int:
-        """``max_batch``, or its default for ``device`` ("cuda..." or "cpu")."""
+        """``max_batch``, or its default for ``device`` ("cuda..." or "cpu"; on a GPU the engine lowers
+        it to what fits in memory)."""
         if self.max_batch is not None:
             return self.max_batch
-        return 64 if device.startswith("cuda") else 8
+        return 256 if device.startswith("cuda") else 8
+
+    def resolved_prefill_chunk(self, device: str) -> int:
+        """``prefill_chunk``, or its default for ``device``."""
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        return 4096 if device.startswith("cuda") else 256
+
+    def resolved_max_streams(self, max_batch: int) -> int:
+        """``max_streams``, or its default for an engine of ``max_batch`` rows."""
+        return self.max_streams if self.max_streams is not None else max(16, max_batch)
+
+    def resolved_max_queue(self, max_batch: int) -> int:
+        """``max_queue``, or its default for an engine of ``max_batch`` rows."""
+        return self.max_queue if self.max_queue is not None else max(32, max_batch)
 
     @model_validator(mode="after")
     def _read_key_file(self) -> Settings:
