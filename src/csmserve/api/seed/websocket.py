@@ -176,7 +176,7 @@ class Connection:
             await self.socket.send(item)
         self.state.metrics.finished(ENDPOINT, "ok", stream.audio.stats)
         await self.send_json(
-            done_event(request.request_id, context_id=stream.context_id, **stream.audio.stats.as_event_fields())
+            done_event(request.request_id, context_id=stream.context_id, **request.done_figures(stream.audio.stats))
         )
 
     def prepare(self, job: Job) -> tuple[AudioSink, AsyncIterator[Outgoing]]:
@@ -222,10 +222,7 @@ class Connection:
             return None  # a text stream's done comes with its end
         self.state.metrics.finished(ENDPOINT, "ok", stats)
         extra = {"ignored_fields": list(request.ignored_fields)} if request.ignored_fields else {}
-        return done_event(
-            request.request_id, **stats.as_event_fields(), sample_rate=request.sample_rate, format=request.format,
-            **extra,
-        )
+        return done_event(request.request_id, **request.done_figures(stats), **extra)
 
 
 @router.websocket("/ws/generate")
