@@ -251,3 +251,20 @@ async def test_a_connection_with_nothing_to_do_is_closed_after_the_idle_timeout(
             after = await asyncio.wait_for(client.read_event(), 10)
     assert pcm_of(events) == float_to_pcm16(rendered(engine, TEXT * 2)).tobytes()
     assert after is None
+
+
+async def test_requests_queued_past_the_per_connection_limit_are_refused(settings_factory):
+    """Synthesize events pipelined on one connection: max_pending_per_connection of them wait their turn,
+    the next one is refused with an error (after the audio of those before it), then the connection closes."""
+    engine = FakeEngine(frame_delay_s=0.01)
+    with wyoming_server(settings_factory, engine, max_pending_per_connection=2) as (server, port):
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(Synthesize(text=TEXT).event())
+            events = await read_until(client, "audio-chunk")  # the first one runs
+            for _ in range(3):  # two wait, the third is one too many
+                await client.write_event(Synthesize(text=TEXT).event())
+            while (event := await asyncio.wait_for(client.read_event(), 10)) is not None:
+                events.append(event)
+    kinds = [e.type for e in events]
+    assert kinds.count("audio-stop") == 3 and kinds[-1] == "error"
+    assert "2 requests are already queued" in Error.from_event(events[-1]).text

@@ -143,11 +143,13 @@ class Connection:
     def queue(self, job: Job) -> None:
         """Queue ``job``, its request's access line opened; a request past ``max_pending_per_connection``
         is refused (an error, then the connection closes)."""
-        self.open_access(self.owner(job))
+        owner = self.owner(job)
+        self.open_access(owner)
         if isinstance(job, (Utterance, StreamEnd)):
             queued = sum(isinstance(j, (Utterance, StreamEnd)) for j in self.jobs)
             if queued >= self.settings.max_pending_per_connection:
                 self.session.failed = True
+                self.finish(owner, "rejected")
                 limit = self.settings.max_pending_per_connection
                 job = Failure(InvalidRequest(f"{limit} requests are already queued on this connection; wait for one"))
         self.jobs.append(job)
