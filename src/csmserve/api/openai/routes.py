@@ -25,6 +25,7 @@ from csmserve.api.openai.messages import MODEL_IDS, SpeechBody
 from csmserve.audio.containers import make_container_encoder
 from csmserve.errors import CsmServeError, InvalidRequest, Overloaded
 from csmserve.logs import request_id
+from csmserve.server.clients import OtherClientsRoute
 from csmserve.server.state import ServerState, state_of
 from csmserve.server.streaming import collected, guarded_stream
 from csmserve.speech import AudioSink, SpeechRequest
@@ -60,13 +61,16 @@ def wants_stream(request: Request, body: SpeechBody) -> bool:
     return request.headers.get(SDK_STREAM_HEADER) == "stream"
 
 
-@router.get("/models")
 async def models() -> dict:
+    """OpenAI's model list; an ElevenLabs client (``xi-api-key``) gets ElevenLabs' at the same path."""
     created = int(time.time())
     return {
         "object": "list",
         "data": [{"id": m, "object": "model", "created": created, "owned_by": "csmserve"} for m in MODEL_IDS],
     }
+
+
+router.add_api_route("/models", models, methods=["GET"], route_class_override=OtherClientsRoute)
 
 
 @router.post("/audio/speech")
