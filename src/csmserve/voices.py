@@ -46,6 +46,8 @@ WRITING_PATTERN = re.compile(r"^voice_[A-Za-z0-9_-]{12}\.(json|npy|wav)\.[0-9a-f
 #: Audio per codec frame: 80 ms, 1920 samples at 24 kHz.
 FRAME_S = 0.08
 FRAME_SAMPLES = 1920
+#: The rate a pending voice's clip is kept at: CSM's codec (Mimi) works at 24 kHz.
+CLIP_RATE = 24_000
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ class VoiceStore:
 
     def add_clip(self, name: str, speaker_id: int, transcript: str, wav: bytes, samples: int) -> Voice:
         """Store a new **pending** voice from its clip: ``wav`` a WAV file of ``samples`` mono samples at
-        24 kHz, kept until a server encodes it (:meth:`set_codes`). Raises :class:`Conflict` as :meth:`add`."""
+        :data:`CLIP_RATE`, kept until a server encodes it (:meth:`set_codes`). Raises :class:`Conflict` as :meth:`add`."""
         frames = max(1, samples // FRAME_SAMPLES)
         with self._adding():
             self._check_name_free(name)

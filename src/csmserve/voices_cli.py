@@ -15,9 +15,7 @@ import sys
 from pathlib import Path
 
 from csmserve.config import Settings
-
-#: The rate clips are kept at: CSM's codec (Mimi) works at 24 kHz.
-CLIP_RATE = 24_000
+from csmserve.voices import CLIP_RATE
 
 
 def add_voices_parser(sub) -> None:

@@ -160,3 +160,14 @@ def test_every_new_route_checks_the_key(settings_factory):
                 call(bad)
             assert refused.value.status_code == 403
             call(good)
+
+
+def test_a_cloning_upload_above_the_limit_is_a_413(settings_factory):
+    """ivc.create's samples count against CSM_MAX_UPLOAD_BYTES like any upload: a 413, nothing stored."""
+    with running_server(settings_factory(engine="fake", max_upload_bytes=4096), FakeEngine()) as server:
+        server.wait_ready()
+        client = ElevenLabs(api_key="unused", base_url=server.http, timeout=30)
+        with pytest.raises(ApiError) as refused:
+            clone(client, "rachel")
+        assert refused.value.status_code == 413
+        assert httpx.get(server.http + "/v1/voices").json()["data"] == []

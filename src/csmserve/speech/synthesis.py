@@ -24,7 +24,7 @@ from csmserve.errors import InvalidRequest, NotReady, VoiceUnavailable
 from csmserve.speech.request import SpeechRequest
 from csmserve.speech.sink import AudioSink, Outgoing, StreamStats
 from csmserve.speech.voices import DEFAULT, VaryingVoiceWarning, VoiceBook, voice_turn
-from csmserve.voices import Voice
+from csmserve.voices import CLIP_RATE, Voice
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,7 @@ class Speech:
         path = self.voices.store.clip_path(voice.id)
         try:
             data = path.read_bytes()
-            return decode_clip(data, self.sample_rate, self.settings.max_voice_seconds,
-                               max_rate=self.settings.max_voice_sample_rate)
+            return decode_clip(data, self.sample_rate, self.settings.max_voice_seconds, max_rate=CLIP_RATE)
         except (OSError, InvalidRequest) as exc:
             message = exc.message if isinstance(exc, InvalidRequest) else str(exc)
             raise VoiceUnavailable(f"voice {voice.name!r}: its clip {path.name} cannot be read: {message}") from None

@@ -75,7 +75,8 @@ def subscription(voices: int) -> dict:
     }
 
 
-async def models(request: Request) -> list[dict]:
+async def elevenlabs_models(request: Request) -> list[dict]:
+    """ElevenLabs' model list (the SDK's ``models.list``): CSM-1B."""
     return [model(state_of(request).settings)]
 
 
@@ -100,4 +101,4 @@ async def user(request: Request) -> dict:
     }
 
 
-router.add_api_route("/models", models, methods=["GET"], route_class_override=ElevenLabsRoute)
+router.add_api_route("/models", elevenlabs_models, methods=["GET"], route_class_override=ElevenLabsRoute)
