@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from csmserve.config import Settings
-from csmserve.voices import CLIP_RATE
+
+if TYPE_CHECKING:
+    from csmserve.speech.voices import VoiceBook
 
 
 def add_voices_parser(sub) -> None:
@@ -66,11 +69,12 @@ def fail(message: str) -> int:
     return 1
 
 
-def cmd_add(args: argparse.Namespace, settings: Settings, book) -> int:
+def cmd_add(args: argparse.Namespace, settings: Settings, book: VoiceBook) -> int:
     from csmserve.audio.decode import decode_clip
     from csmserve.audio.pcm import float_to_pcm16
     from csmserve.audio.wav import pcm16_to_wav
     from csmserve.errors import CsmServeError
+    from csmserve.voices import CLIP_RATE
 
     try:
         name, transcript = book.check_new(args.name, args.text, args.speaker, settings)
@@ -105,7 +109,7 @@ def cmd_add(args: argparse.Namespace, settings: Settings, book) -> int:
     return 0
 
 
-def cmd_list(args: argparse.Namespace, settings: Settings, book) -> int:
+def cmd_list(args: argparse.Namespace, settings: Settings, book: VoiceBook) -> int:
     voices = book.store.list()
     if not voices:
         print(f"no voices in {book.store.directory}")
@@ -127,7 +131,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings, book) -> int:
     return 0
 
 
-def cmd_remove(args: argparse.Namespace, settings: Settings, book) -> int:
+def cmd_remove(args: argparse.Namespace, settings: Settings, book: VoiceBook) -> int:
     voice = book.store.get(args.name)
     if voice is None or not book.store.delete(voice.id):
         return fail(f"no voice {args.name!r} in {book.store.directory} (csmserve voices list)")

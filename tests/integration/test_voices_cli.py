@@ -155,7 +155,7 @@ def test_the_cli_refuses_what_the_api_refuses_with_clear_errors(tmp_path, refere
     for args, fragment in cases:
         result = voices_cli(voices_dir, *args, CSM_VOICE_MAP="bob=anna")
         assert result.returncode == 1 and fragment in result.stderr, (args, result.stderr)
-    assert [p.name for p in voices_dir.glob("voice_*.json")].__len__() == 1
+    assert len(list(voices_dir.glob("voice_*.json"))) == 1
 
 
 async def test_a_request_without_a_voice_on_a_real_model_is_logged_once_per_connection(settings_factory, caplog):
