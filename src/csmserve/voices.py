@@ -225,8 +225,9 @@ class VoiceStore:
             return None
         self._write_atomic(self.directory / f"{voice.id}.npy", _npy(codes))
         encoded = replace(voice, frames=int(codes.shape[0]), pending=False)
-        if not (self.directory / f"{voice.id}.json").exists():
-            return None  # deleted while encoding
+        if not (self.directory / f"{voice.id}.json").exists():  # deleted while encoding
+            (self.directory / f"{voice.id}.npy").unlink(missing_ok=True)
+            return None
         self._write_meta(encoded, codes)
         return encoded
 
