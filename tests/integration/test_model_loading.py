@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from csmserve.engine.loading import codec_to_float32_on_cpu, load_csm, this_cpu_bf16_native
-from csmserve.errors import LoadOutOfMemory, NotACsmCheckpoint
+from csmserve.errors import LoadOutOfMemory, ModelDiskFull, NotACsmCheckpoint
 from support.fake_hub import fake_hub
 from support.servers import running_server
 
@@ -107,6 +107,114 @@ def test_explicit_model_never_falls_back_to_the_offline_model(tmp_path):
     result = serve(["--model", "sesame/csm-1b"], env)
     assert result.returncode == EXIT_LOAD_FAILED
     assert "OFFLINE MODEL" not in result.stderr
+
+
+def test_a_token_without_network_stops_start_up_instead_of_serving_noise(tmp_path):
+    """No model named, a token, no hub: exit 3 saying why sesame/csm-1b was chosen; no offline model."""
+    env = clean_env(tmp_path, HF_TOKEN="hf_fake", HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+                    CSM_OFFLINE_MODEL_DIR=str(tmp_path / "offline"))  # fmt: skip
+    result = serve([], env)
+    assert result.returncode == EXIT_LOAD_FAILED
+    message = last_error(result)
+    assert "cannot reach the Hugging Face hub" in message
+    assert "sesame/csm-1b was chosen because a Hugging Face token is set" in message
+    assert "--model offline" in message and "hf_fake" not in result.stderr
+    assert "OFFLINE MODEL" not in result.stderr and not (tmp_path / "offline").exists()
+
+
+@pytest.fixture
+def hub_env(tmp_path, monkeypatch):
+    """This process's view of the hub: an empty cache, no saved login, no HF_TOKEN, online, and the
+    hub on ``endpoint`` (nothing listens there unless a test starts the fake hub on it)."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    return constants
+
+
+def load_failure(settings, engine=None) -> tuple[dict, list]:
+    """Start a server in this process whose load must fail: its /health once it has, and every /ready
+    status seen on the way (none may be 200)."""
+    from csmserve.engine.csm import CsmEngine
+
+    failures, readiness = [], []
+    with running_server(settings, engine or CsmEngine(settings), failures.append) as server:
+        deadline = time.monotonic() + 60
+        while not failures and time.monotonic() < deadline:
+            readiness.append(httpx.get(server.http + "/ready").status_code)
+            time.sleep(0.02)
+        readiness.append(httpx.get(server.http + "/ready").status_code)
+        health = httpx.get(server.http + "/health")
+    assert failures, "the load did not fail"
+    assert health.status_code == 503
+    return health.json(), readiness
+
+
+def test_a_named_model_that_does_not_load_is_never_ready(settings_factory, tmp_path, hub_env):
+    """--model names a missing directory: the load fails, /health says why, /ready never answers 200."""
+    settings = settings_factory(model=str(tmp_path / "missing"), device="cpu", offline_model_dir=tmp_path / "offline")
+    health, readiness = load_failure(settings)
+    assert set(readiness) == {503}
+    assert health["status"] == "failed" and "does not exist" in health["error"]["message"]
+    assert health["offline_model"] is False and not (tmp_path / "offline").exists()
+
+
+def test_a_token_whose_licence_is_not_accepted_is_never_ready(settings_factory, tmp_path, hub_env, monkeypatch):
+    """No model named, a token the gated repo refuses: the load fails with the licence to accept, never the offline model."""
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    with fake_hub() as hub:
+        monkeypatch.setattr(hub_env, "ENDPOINT", f"http://127.0.0.1:{hub.server_address[1]}")
+        settings = settings_factory(device="cpu", offline_model_dir=tmp_path / "offline")
+        health, readiness = load_failure(settings)
+    assert set(readiness) == {503}
+    message = health["error"]["message"]
+    assert "accept the licence at https://huggingface.co/sesame/csm-1b" in message
+    assert "chosen because a Hugging Face token is set" in message and "--model offline" in message
+    assert health["offline_model"] is False and not (tmp_path / "offline").exists()
+
+
+def test_nothing_asked_for_runs_the_offline_model_and_says_so(settings_factory, tiny_model_dir, hub_env, caplog):
+    """No model, no token, no cache: the offline model loads, with the banner and /health saying so."""
+    caplog.set_level("INFO", logger="csmserve.engine.csm")
+    from csmserve.engine.csm import CsmEngine
+
+    settings = settings_factory(device="cpu", dtype="float32", warmup=False, offline_model_dir=tiny_model_dir)
+    with running_server(settings, CsmEngine(settings)) as server:
+        health = server.wait_ready()
+        assert httpx.get(server.http + "/ready").status_code == 200
+    assert health["offline_model"] is True and health["voice"].startswith("offline model")
+    log = caplog.text
+    assert "neither a Hugging Face token nor a cached copy" in log and "OFFLINE MODEL" in log
+
+
+def test_the_offline_model_asked_for_by_name_loads_despite_a_token(settings_factory, tiny_model_dir, hub_env, monkeypatch):
+    """--model offline with a token set: the offline model, no hub request, /health says offline."""
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    from csmserve.engine.csm import CsmEngine
+
+    settings = settings_factory(model="offline", device="cpu", dtype="float32", warmup=False, offline_model_dir=tiny_model_dir)
+    with running_server(settings, CsmEngine(settings)) as server:
+        assert server.wait_ready()["offline_model"] is True
+
+
+def test_a_full_disk_during_the_download_says_where_and_how_much(tiny_model_dir, hub_env, monkeypatch):
+    """The disk fills up while the weights download: ModelDiskFull naming the cache and HF_HOME."""
+    import errno
+
+    import huggingface_hub
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", disk_full)
+    with pytest.raises(ModelDiskFull) as caught:
+        load_csm("sesame/csm-1b", "cpu", "float32", token="hf_test")
+    message = caught.value.message
+    assert hub_env.HF_HUB_CACHE in message and "6 GB" in message and "HF_HOME" in message
 
 
 @pytest.mark.parametrize("kind", ["missing-dir", "no-config", "other-model", "config-without-weights"])
