@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 
 import anyio
@@ -38,6 +39,7 @@ from csmserve.server.state import ServerState
 from csmserve.server.store import AudioStore
 from csmserve.server.watchdog import Watchdog
 from csmserve.speech import Speech
+from csmserve.text.normalize import warm_up
 from csmserve.voices import VoiceStore
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,8 @@ def build_app(state: ServerState, on_load_failed: Callable[[CsmServeError], None
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state.decoders = anyio.CapacityLimiter(DECODE_THREADS)
+        # The normalisation's word libraries take seconds to import: off the event loop, while the model loads.
+        threading.Thread(target=warm_up, name="normalisation-warm-up", daemon=True).start()
         tasks = [asyncio.create_task(load(state, on_load_failed)), asyncio.create_task(state.watchdog.run())]
         try:
             yield

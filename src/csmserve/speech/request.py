@@ -24,6 +24,8 @@ class Turn:
 class SpeechRequest:
     """One utterance to synthesise.
 
+    ``text`` is what the engine says: the API has already made it speakable (numbers, dates and
+    symbols as words: :func:`~csmserve.speech.spoken.spoken_text`, unless the request turned that off).
     ``speaker_id`` None: a registered ``voice``'s own speaker, else 0. ``voice`` is a registered
     voice's id or name (:class:`~csmserve.voices.VoiceStore`); its clip and transcript go first as
     context. ``max_audio_ms`` None: a budget derived from the text (``Settings.audio_budget_ms``).
