@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from itertools import pairwise
 
 import av
 import httpx
@@ -92,7 +93,7 @@ def test_stream_with_timestamps_aligns_every_chunk_as_it_streams(client):
     assert "".join(whole.alignment.characters) == TEXT
     assert whole.alignment.character_end_times_seconds[-1] == pytest.approx(len(audio) / 2 / 24000, abs=0.001)
     parts = [c.alignment for c in with_audio]  # each chunk's characters fill its own audio: they join up
-    assert all(b.character_start_times_seconds[0] == a.character_end_times_seconds[-1] for a, b in zip(parts, parts[1:]))
+    assert all(b.character_start_times_seconds[0] == a.character_end_times_seconds[-1] for a, b in pairwise(parts))
 
 
 def test_previous_text_and_body_fields_are_accepted(client, fake_server):

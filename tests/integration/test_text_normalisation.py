@@ -18,11 +18,11 @@ import pytest
 import soundfile as sf
 import websockets
 from elevenlabs.client import ElevenLabs
+from test_elevenlabs_ws import audio_of, el_url, receive_until_final, ws_generate_audio
 
 from csmserve.audio.pcm import float_to_pcm16
 from csmserve.engine import SynthesisRequest
 from csmserve.text.normalize import normalize
-from test_elevenlabs_ws import audio_of, el_url, receive_until_final, ws_generate_audio
 
 WRITTEN = "Your total is $42.50, due 12/03; call 555-0123."
 SPOKEN = normalize(WRITTEN).text

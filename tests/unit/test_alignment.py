@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -90,4 +92,4 @@ def test_any_chunking_covers_the_text_exactly_once_with_times_that_never_go_back
     aligned = [a for a in stream(StreamAligner(PCM), text, chunks) if a is not None]
     assert "".join(c for a in aligned for c in a.written[0]) == text
     starts = [t for a in aligned for t in a.written[1]]
-    assert all(x <= y + 1e-9 for x, y in zip(starts, starts[1:]))
+    assert all(x <= y + 1e-9 for x, y in pairwise(starts))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -366,7 +367,7 @@ def test_parts_between_breaks_concatenate_back_to_the_whole(text, data):
     breaks = result.breaks()
     assert breaks[0] == 0 and breaks[-1] == len(result.text) and breaks == sorted(set(breaks))
     cuts = sorted(set(data.draw(st.lists(st.sampled_from(breaks), max_size=4))) | {0, len(result.text)})
-    parts = [result.part(a, b) for a, b in zip(cuts, cuts[1:])] or [result.part(0, 0)]
+    parts = [result.part(a, b) for a, b in pairwise(cuts)] or [result.part(0, 0)]
     joined = parts[0]
     for part in parts[1:]:
         joined = joined + part
