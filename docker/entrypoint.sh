@@ -70,6 +70,8 @@ is_cached() {
 model=${CSM_MODEL:-sesame/csm-1b}
 if [ "${CSM_ENGINE:-csm}" = fake ]; then
     log "engine: fake (a test tone, no model)"
+elif [ "${CSM_MODEL:-}" = offline ]; then
+    log "WARNING: CSM_MODEL=offline: the OFFLINE MODEL (random weights): ITS AUDIO IS NOISE."
 elif [ -n "${CSM_MODEL:-}" ] && [ -d "$CSM_MODEL" ]; then
     log "model: local directory $CSM_MODEL"
 elif [ "$has_token" = true ]; then

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 
 import anyio
@@ -42,6 +43,7 @@ from csmserve.server.store import AudioStore
 from csmserve.server.watchdog import Watchdog
 from csmserve.speech import Speech
 from csmserve.speech.voices import VoiceBook
+from csmserve.text.normalize import warm_up
 
 log = logging.getLogger(__name__)
 #: Voice uploads decoded at once (each in a worker thread); more wait, and past that get a 429.
@@ -105,6 +107,8 @@ def build_app(state: ServerState, on_load_failed: Callable[[CsmServeError], None
         if state.settings.wyoming_port is not None:  # on this loop and engine: its requests join the batch
             wyoming = app.state.wyoming = WyomingServer(state, state.settings.wyoming_host, state.settings.wyoming_port)
             await wyoming.start()
+        # The normalisation's word libraries take seconds to import: off the event loop, while the model loads.
+        threading.Thread(target=warm_up, name="normalisation-warm-up", daemon=True).start()
         tasks = [asyncio.create_task(load(state, on_load_failed)), asyncio.create_task(state.watchdog.run())]
         try:
             yield

@@ -12,6 +12,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "sesame/csm-1b"
+#: ``--model offline``: the offline model (random weights, noise), asked for by name.
+OFFLINE_MODEL = "offline"
 
 
 class Settings(BaseSettings):
@@ -23,9 +25,10 @@ class Settings(BaseSettings):
     model: str | None = Field(
         None,
         description=(
-            "Hugging Face model id or local checkpoint directory. Unset: sesame/csm-1b when a token "
-            "or a cached copy is available, else the offline model (random weights, noise). "
-            "An explicit value never falls back."
+            "Hugging Face model id, local checkpoint directory, or 'offline' (the offline model: random "
+            "weights, noise). Unset: sesame/csm-1b when a Hugging Face token or a cached copy is available, "
+            "else the offline model. A model that was named, or chosen because of a token or a cache, loads "
+            "or start-up stops (exit 3): it never falls back to the offline model."
         ),
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available.")

@@ -164,5 +164,11 @@ class LoadOutOfMemory(ModelLoadError):
     code = "out_of_memory"
 
 
+class ModelDiskFull(ModelLoadError):
+    """The disk filled up while the weights were downloaded."""
+
+    code = "disk_full"
+
+
 class UnsupportedTransformers(ModelLoadError):
     code = "transformers_without_csm"

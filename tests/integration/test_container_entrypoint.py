@@ -160,6 +160,13 @@ def test_explicit_uncached_model_without_token_warns_it_will_not_fall_back(run_e
     assert "OFFLINE MODEL" not in result.stderr
 
 
+def test_the_offline_model_by_name_is_announced_even_with_a_token(run_entrypoint):
+    """CSM_MODEL=offline: the log says the audio will be noise, whatever token is set."""
+    result = run_entrypoint(CSM_MODEL="offline", HF_TOKEN="hf_test")
+    assert "CSM_MODEL=offline" in result.stderr and "NOISE" in result.stderr
+    assert result.env["CSM_MODEL"] == "offline"
+
+
 def test_local_model_directory_needs_no_token(run_entrypoint, tmp_path):
     """A CSM_MODEL that is a directory is loaded from there: no warning about tokens."""
     result = run_entrypoint(CSM_MODEL=str(tmp_path))

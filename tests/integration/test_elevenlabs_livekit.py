@@ -18,7 +18,9 @@ from support.servers import running_server
 from test_elevenlabs_ws import ws_generate_audio
 
 FIRST_TURN = "Hello there. How are you today?"
-SECOND_TURN = [f"Sentence number {i} is here." for i in range(8)]
+SECOND_TURN = [
+    f"Sentence number {n} is here." for n in ("one", "two", "three", "four", "five", "six", "seven", "eight")
+]
 
 
 def livekit_tts(server, session: aiohttp.ClientSession, **options) -> elevenlabs.TTS:

@@ -83,9 +83,9 @@ async def test_connection_serves_several_requests_in_order(fake_server):
 async def test_pipelined_requests_are_answered_in_order(fake_server):
     """Requests sent back to back are streamed one after another, each ending with its own done."""
     async with CsmClient(fake_server.ws) as client:
-        for rid in ("1", "2", "3"):
+        for rid in ("one", "two", "three"):
             await client.send({"text": f"Request {rid}.", "request_id": rid})
-        for rid in ("1", "2", "3"):
+        for rid in ("one", "two", "three"):
             pcm = b"".join([c async for c in client.receive()])
             assert client.last_done["request_id"] == rid
             assert pcm == expected_pcm(fake_server.engine, f"Request {rid}.")

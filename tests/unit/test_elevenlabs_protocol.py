@@ -11,7 +11,7 @@ import pytest
 from csmserve.api.elevenlabs.formats import OUTPUT_FORMATS, output_sink, parse_output_format
 from csmserve.api.elevenlabs.messages import CloseContext, CloseSocket, TextInput, key_of, parse_message, parse_query
 from csmserve.api.elevenlabs.session import ContextSession
-from csmserve.api.elevenlabs.text import ContextText, http_alignment, spread_timings, ws_alignment
+from csmserve.api.elevenlabs.text import ContextText, http_alignment, joined, spread_timings, ws_alignment
 from csmserve.errors import InvalidRequest
 from csmserve.speech import StreamStats
 from csmserve.text.sentences import split_sentences
@@ -77,6 +77,8 @@ def test_query_parameters_are_validated_and_defaulted():
     query = parse_query({"model_id": "eleven_flash_v2_5", "language_code": "en", "apply_text_normalization": "off"})
     assert query.output.name == "mp3_44100_128" and query.inactivity_timeout_s == 20 and not query.auto_mode
     assert parse_query({"auto_mode": "true", "seed": "42", "sync_alignment": "true"}).seed == 42
+    assert not query.normalize  # apply_text_normalization=off; "auto" (the default) and "on" normalise
+    assert all(parse_query(q).normalize for q in ({}, {"apply_text_normalization": "auto"}, {"apply_text_normalization": "on"}))
     for bad, name in [({"auto_mode": "maybe"}, "auto_mode"), ({"inactivity_timeout": "500"}, "inactivity_timeout"),
                       ({"seed": "-1"}, "seed"), ({"apply_text_normalization": "x"}, "apply_text_normalization")]:  # fmt: skip
         with pytest.raises(InvalidRequest, match=name):
@@ -125,8 +127,22 @@ def test_try_trigger_speaks_complete_sentences_or_a_long_buffer():
     buffer.push("Done here. And then")
     assert buffer.try_trigger() == ["Done here."]
     assert buffer.try_trigger() == []
-    buffer.push(" some more words that make this long enough to go")
+    buffer.push(" some more words that make this long enough to go ")
     assert buffer.try_trigger() == ["And then some more words that make this long enough to go"]
+
+
+def test_a_word_still_being_written_waits_for_its_end():
+    """A schedule's threshold or try_trigger speaks the buffer but the unfinished last word: "$42." then
+    "50" stays one price; a flush speaks it."""
+    buffer = ContextText(schedule=(50,))
+    assert buffer.push("Thanks for waiting, the total for your order is $42.") == ["Thanks for waiting, the total for your order is"]
+    assert buffer.push("50") == []
+    assert buffer.flush() == ["$42.50"]
+    buffer = ContextText()
+    buffer.push("A long enough unfinished sentence that ends with the number 12")
+    assert buffer.try_trigger() == ["A long enough unfinished sentence that ends with the number"]
+    assert buffer.push(",345 people. ") == []
+    assert buffer.flush() == ["12,345 people."]
 
 
 def test_buffer_never_holds_more_than_max_chars():
@@ -142,9 +158,9 @@ def test_timings_spread_the_span_over_the_characters():
     assert chars == list("Hi, you.") and starts[0] == 100.0 and ends[-1] == pytest.approx(900.0)
     assert all(e == s2 for e, s2 in zip(ends, starts[1:]))
     assert ends[0] - starts[0] > ends[2] - starts[2]  # a letter lasts longer than a comma
-    ws = ws_alignment("Hi, you.", 800.0)
+    ws = ws_alignment(spread_timings("Hi, you.", 1000.0, 800.0), origin_ms=1000.0)
     assert sum(ws["charDurationsMs"]) == 800 and ws["charStartTimesMs"][0] == 0
-    http = http_alignment([("Hi.", 0.0, 300.0), (" Yo.", 300.0, 400.0)])
+    http = http_alignment(joined([spread_timings("Hi.", 0.0, 300.0), spread_timings(" Yo.", 300.0, 400.0)]))
     assert http["characters"] == list("Hi. Yo.") and http["character_end_times_seconds"][-1] == 0.7
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -356,3 +357,36 @@ def test_both_alignments_hold_their_own_characters(text, duration_ms):
     assert all(a <= b + 1e-9 for a, b in zip(source_starts, source_starts[1:]))
     if text:
         assert source_ends[-1] == pytest.approx(duration_ms)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(WRITTEN_CHARS, max_size=60), st.data())
+def test_parts_between_breaks_concatenate_back_to_the_whole(text, data):
+    """Cut at any breaks, the parts add back to the whole: spoken text, written text and the map."""
+    result = normalize(text)
+    breaks = result.breaks()
+    assert breaks[0] == 0 and breaks[-1] == len(result.text) and breaks == sorted(set(breaks))
+    cuts = sorted(set(data.draw(st.lists(st.sampled_from(breaks), max_size=4))) | {0, len(result.text)})
+    parts = [result.part(a, b) for a, b in pairwise(cuts)] or [result.part(0, 0)]
+    joined = parts[0]
+    for part in parts[1:]:
+        joined = joined + part
+    assert joined == result
+
+
+def test_a_part_keeps_a_replacement_whole():
+    """A cut inside "forty-two dollars and fifty cents" is refused; around it the part says "$42.50"."""
+    result = normalize("Pay $42.50 now")
+    start, end = result.to_spoken(4, 10)
+    assert start in result.breaks() and end in result.breaks() and start + 1 not in result.breaks()
+    assert result.part(start, end).source == "$42.50"
+    assert result.part(0, start).source == "Pay " and result.part(end, len(result.text)).source == " now"
+    with pytest.raises(ValueError, match="cuts a replacement"):
+        result.part(start + 1, end)
+
+
+def test_unchanged_whitespace_before_a_sentence_adds_to_its_map():
+    """A gap then a sentence: both texts joined, the sentence's spans shifted past the gap."""
+    joined = Normalized.unchanged("  ") + normalize("$5.")
+    assert joined.source == "  $5." and joined.text == "  five dollars."
+    assert joined.to_source(2, 14) == (2, 4) and joined.to_source(0, 1) == (0, 1)

@@ -45,3 +45,16 @@ def test_replicas_without_a_model_find_the_offline_model_written_once(tmp_path, 
     prepare_offline_model(settings)
     assert OFFLINE_MARKER in (tmp_path / "offline" / "config.json").read_text()
     assert (tmp_path / "offline" / "config.json").stat().st_mtime_ns == written
+
+
+def test_replicas_asked_for_the_offline_model_by_name_write_it_even_with_a_token(tmp_path, monkeypatch):
+    """--model offline: written under the lock though a token (or cache) would make csm-1b available;
+    another model named: nothing is written."""
+    from csmserve.engine.tiny import OFFLINE_MARKER
+    from csmserve.scaleout.replica import prepare_offline_model
+
+    monkeypatch.setattr("csmserve.engine.loading.default_model_available", lambda: True)
+    prepare_offline_model(Settings(model="some/model", offline_model_dir=tmp_path / "other"))
+    assert not (tmp_path / "other").exists()
+    prepare_offline_model(Settings(model="offline", offline_model_dir=tmp_path / "offline"))
+    assert OFFLINE_MARKER in (tmp_path / "offline" / "config.json").read_text()

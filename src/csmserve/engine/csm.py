@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from csmserve.config import DEFAULT_MODEL, Settings
+from csmserve.config import DEFAULT_MODEL, OFFLINE_MODEL, Settings
 from csmserve.engine import FRAME_MS, Capacity, EngineInfo, SynthesisRequest
 from csmserve.engine.scheduler import Piece, Row, SlotCopy
 from csmserve.engine.worker import Frame, ModelWorker, Stream, synthesize_on
@@ -51,15 +51,25 @@ def ensure_offline_model(directory: Path) -> Path:
     return make_tiny_model(directory)
 
 
-def choose_model(settings: Settings) -> tuple[str, bool]:
-    """The model to load and whether it was chosen implicitly (``settings.model`` unset)."""
-    if settings.model:
-        return settings.model, False
-    from csmserve.engine.loading import default_model_available
+def choose_model(settings: Settings) -> tuple[str, str]:
+    """The model to load, and why (for the log, and for a load failure's message).
 
-    if default_model_available():
-        return DEFAULT_MODEL, True
-    return str(ensure_offline_model(settings.offline_model_dir)), True
+    The offline model (random weights: noise) only when nothing was asked for (no ``--model``, no
+    Hugging Face token, no cached copy of sesame/csm-1b) or when it is named (``--model offline``).
+    Anything else loads or stops start-up: it never turns into the offline model.
+    """
+    if settings.model == OFFLINE_MODEL:
+        return str(ensure_offline_model(settings.offline_model_dir)), "asked for by name (--model offline)"
+    if settings.model:
+        return settings.model, "named by --model / CSM_MODEL"
+    from csmserve.engine.loading import hub_token, is_cached
+
+    if hub_token():
+        return DEFAULT_MODEL, "a Hugging Face token is set (HF_TOKEN or `hf auth login`)"
+    if is_cached(DEFAULT_MODEL):
+        return DEFAULT_MODEL, "it is in the Hugging Face cache"
+    reason = "no model was named and there is neither a Hugging Face token nor a cached copy of " + DEFAULT_MODEL
+    return str(ensure_offline_model(settings.offline_model_dir)), reason
 
 
 OFFLINE_WARNING = (
@@ -308,21 +318,22 @@ class CsmEngine:
             self.info.model = str(self._preloaded.path)
             self._attach(self._preloaded, time.monotonic())
             return
-        model_ref, implicit = choose_model(self.settings)
+        model_ref, why = choose_model(self.settings)
         self.info.model = model_ref
+        log.info("model: %s (%s)", model_ref, why)
         started = time.monotonic()
         try:
             loaded = load_csm(
                 model_ref, self.settings.device, self.settings.dtype, from_pretrained=self._from_pretrained
             )
         except ModelLoadError as exc:
-            if not implicit or model_ref != DEFAULT_MODEL:
+            if self.settings.model or model_ref != DEFAULT_MODEL:  # the message says it all
                 raise
-            log.error("%s", exc.message)
-            log.warning("falling back to the offline model because no model was configured")
-            model_ref = str(ensure_offline_model(self.settings.offline_model_dir))
-            self.info.model = model_ref
-            loaded = load_csm(model_ref, self.settings.device, self.settings.dtype)
+            # Chosen for the operator (a token, a cache): say why, and that no noise will be served instead.
+            raise type(exc)(
+                f"{exc.message} ({model_ref} was chosen because {why}; csmserve does not fall back to the "
+                f"offline model, whose audio is noise: fix the above, or start it by name with --model {OFFLINE_MODEL})"
+            ) from None
         self._attach(loaded, started)
 
     def _attach(self, loaded, started: float) -> None:

@@ -7,6 +7,7 @@ checkpoint, then load processor and weights on the chosen device and dtype.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from csmserve.config import DEFAULT_MODEL
 from csmserve.errors import (
     GatedModelError,
     LoadOutOfMemory,
+    ModelDiskFull,
     ModelLoadError,
     ModelNotFound,
     ModelUnavailableOffline,
@@ -257,6 +259,13 @@ def download(model: str, token: str | None) -> Path:
             f"then {TOKEN_HELP}"
         ) from None
     except LocalEntryNotFoundError:
+        from huggingface_hub import constants
+
+        if constants.is_offline_mode():
+            raise ModelUnavailableOffline(
+                f"HF_HUB_OFFLINE is set and {model} is not in the local cache ({constants.HF_HUB_CACHE}): "
+                f"unset HF_HUB_OFFLINE to download it, or pass --model /path/to/a/local/checkpoint"
+            ) from None
         raise ModelUnavailableOffline(
             f"cannot reach the Hugging Face hub and {model} is not in the local cache: check the network "
             "(or HF_ENDPOINT / proxy settings), download it once with `hf download "
@@ -273,6 +282,16 @@ def download(model: str, token: str | None) -> Path:
                 f"the Hugging Face hub rejected your token (401 invalid credentials): {TOKEN_HELP}"
             ) from None
         raise ModelLoadError(f"the Hugging Face hub answered an error for {model}: {exc}") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        from huggingface_hub import constants
+
+        raise ModelDiskFull(
+            f"the disk filled up while downloading {model} into the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); the model needs about 6 GB: free space there, or point HF_HOME "
+            "(or HF_HUB_CACHE) at a disk with room, then restart"
+        ) from None
     return Path(path)
 
 

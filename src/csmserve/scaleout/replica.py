@@ -15,6 +15,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from csmserve.config import OFFLINE_MODEL
+
 log = logging.getLogger(__name__)
 
 #: Close code for a connection ended by a drain: "try again later" (reconnect: another replica answers).
@@ -169,10 +171,10 @@ def health_problem(state) -> str | None:
 def prepare_offline_model(settings) -> None:
     """Write the offline model once when several replicas on one machine would each write it.
 
-    With no model configured and none available, every replica falls back to the offline model in
-    ``offline_model_dir``; two writing it at once could let one load the other's half-written files.
+    With ``--model offline``, or no model configured and none available, every replica loads the
+    offline model from ``offline_model_dir``; two writing it at once could let one load the other's half-written files.
     Under a file lock, the first writes it and the others find it there."""
-    if settings.engine != "csm" or settings.model:
+    if settings.engine != "csm" or settings.model not in (None, OFFLINE_MODEL):
         return
     import fcntl
 
@@ -183,7 +185,7 @@ def prepare_offline_model(settings) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f".{directory.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not default_model_available():
+        if settings.model == OFFLINE_MODEL or not default_model_available():
             ensure_offline_model(directory)
 
 

@@ -24,6 +24,8 @@ class Turn:
 class SpeechRequest:
     """One utterance to synthesise.
 
+    ``text`` is what the engine says: the API has already made it speakable (numbers, dates and
+    symbols as words: :func:`~csmserve.speech.spoken.spoken_text`, unless the request turned that off).
     ``voice`` is a voice string (:class:`~csmserve.speech.voices.VoiceBook`: a registered voice's id
     or name, a mapped name, ``default``); its clip and transcript go first as context. ``speaker_id``
     None: the voice's own speaker. Neither: the server's default voice when one is set, else speaker 0

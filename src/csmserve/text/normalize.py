@@ -46,6 +46,33 @@ class Normalized:
         """``text`` spoken as written (normalisation off)."""
         return cls(text, text, tuple((i, i + 1) for i in range(len(text))))
 
+    def __add__(self, other: Normalized) -> Normalized:
+        """``self`` followed by ``other`` (e.g. the whitespace before a sentence, then the sentence)."""
+        shift = len(self.source)
+        spans = self.spans + tuple((s + shift, e + shift) for s, e in other.spans)
+        return Normalized(self.source + other.source, self.text + other.text, spans)
+
+    def breaks(self) -> list[int]:
+        """Where spoken ``text`` may be cut without cutting a replacement: 0, ``len(text)``, and every
+        ``i`` where ``text[i]`` says other written characters than ``text[i - 1]``."""
+        inner = [i for i in range(1, len(self.text)) if self.spans[i] != self.spans[i - 1]]
+        return [0, *inner, len(self.text)] if self.text else [0]
+
+    def part(self, start: int, end: int) -> Normalized:
+        """Spoken ``text[start:end]`` and the written text it says, as a :class:`Normalized` of its own.
+
+        ``start`` and ``end`` are :meth:`breaks`: the parts between consecutive breaks concatenate
+        back to ``self``. At the ends of ``text`` the written text not said by anything is included.
+        """
+        if start not in (0, len(self.text)) and self.spans[start] == self.spans[start - 1]:
+            raise ValueError(f"{start} cuts a replacement")
+        if end not in (0, len(self.text)) and self.spans[end] == self.spans[end - 1]:
+            raise ValueError(f"{end} cuts a replacement")
+        first = 0 if start == 0 else self.spans[start][0] if start < len(self.text) else len(self.source)
+        last = len(self.source) if end >= len(self.text) else self.spans[end][0]
+        spans = tuple((s - first, e - first) for s, e in self.spans[start:end])
+        return Normalized(self.source[first:last], self.text[start:end], spans)
+
     def to_source(self, start: int, end: int) -> Span:
         """The range of ``source`` that spoken ``text[start:end]`` says (empty: a point in ``source``)."""
         start, end = max(0, min(start, len(self.text))), max(0, min(end, len(self.text)))

@@ -35,6 +35,12 @@ class OutputFormat:
         """2 for PCM, 1 for G.711; None for mp3 (compressed)."""
         return {"pcm": 2, "mulaw": 1, "alaw": 1}.get(self.codec)
 
+    def ms_of(self, size: int) -> float:
+        """Milliseconds of audio in ``size`` bytes of this format (mp3: at its constant bit rate)."""
+        if self.bytes_per_sample is not None:
+            return 1000 * size / (self.bytes_per_sample * self.sample_rate)
+        return 8000 * size / (self.bit_rate or 128_000)
+
     def encoder(self) -> AudioEncoder:
         """A new streaming encoder for one audio stream in this format."""
         if self.codec == "mp3":

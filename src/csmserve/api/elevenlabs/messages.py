@@ -51,8 +51,8 @@ KNOWN_FIELDS = {
 @dataclass(frozen=True)
 class StreamSettings:
     """The query parameters of a WebSocket (or HTTP) request. Those with no CSM meaning
-    (``model_id``, ``language_code``, ``enable_logging``, ``enable_ssml_parsing``,
-    ``apply_text_normalization``) are validated and otherwise ignored."""
+    (``model_id``, ``language_code``, ``enable_logging``, ``enable_ssml_parsing``) are validated and
+    otherwise ignored. ``normalize``: ``apply_text_normalization`` is not ``"off"``."""
 
     output: OutputFormat
     auto_mode: bool = False
@@ -60,6 +60,7 @@ class StreamSettings:
     sync_alignment: bool = False
     seed: int | None = None
     model_id: str | None = None
+    normalize: bool = True
 
 
 def _bool(params: Mapping[str, str], name: str, default: bool) -> bool:
@@ -91,11 +92,19 @@ def parse_seed(value: Any) -> int | None:
     return _int(value, "seed", 0, 4_294_967_295)
 
 
+def parse_text_normalization(value: Any) -> bool:
+    """``apply_text_normalization``: whether numbers, dates and symbols are said as words. ``"auto"``
+    (the default) and ``"on"`` turn it on, ``"off"`` off (docs/normalisation.md)."""
+    if value is None:
+        return True
+    if value not in TEXT_NORMALIZATION:
+        raise InvalidRequest(f"apply_text_normalization must be one of {', '.join(TEXT_NORMALIZATION)}")
+    return value != "off"
+
+
 def parse_query(params: Mapping[str, str]) -> StreamSettings:
     """Validate the query parameters ElevenLabs documents for its text-to-speech endpoints."""
-    normalization = params.get("apply_text_normalization")
-    if normalization is not None and normalization not in TEXT_NORMALIZATION:
-        raise InvalidRequest(f"apply_text_normalization must be one of {', '.join(TEXT_NORMALIZATION)}")
+    normalize = parse_text_normalization(params.get("apply_text_normalization"))
     for name in ("enable_logging", "enable_ssml_parsing"):
         _bool(params, name, False)
     return StreamSettings(
@@ -105,6 +114,7 @@ def parse_query(params: Mapping[str, str]) -> StreamSettings:
         sync_alignment=_bool(params, "sync_alignment", False),
         seed=parse_seed(params.get("seed")),
         model_id=params.get("model_id"),
+        normalize=normalize,
     )
 
 
@@ -234,11 +244,14 @@ def speech_request(
 
 
 # -- server messages ------------------------------------------------------------------------------
-def audio_message(audio: bytes, context_id: str | None, alignment: dict | None = None) -> dict:
-    """An audio chunk; ``alignment`` (chars and ms timings of this chunk's text) also as normalizedAlignment."""
+def audio_message(
+    audio: bytes, context_id: str | None, alignment: dict | None = None, normalized: dict | None = None
+) -> dict:
+    """An audio chunk with the characters it speaks: ``alignment`` of the text as sent,
+    ``normalized`` (``normalizedAlignment``) of the spoken text; None when it speaks none."""
     message: dict[str, Any] = {
         "audio": base64.b64encode(audio).decode("ascii"),
-        "normalizedAlignment": alignment,
+        "normalizedAlignment": normalized,
         "alignment": alignment,
     }
     if context_id is not None:

@@ -2,10 +2,12 @@
 ``/with-timestamps`` and ``/stream/with-timestamps`` variants, as the ``elevenlabs`` SDK calls them.
 
 The text is spoken sentence by sentence as one continuous stream (the same path as a WebSocket
-context), so each sentence's audio span is known for the character timings (estimates, spread over
-the sentence's characters). Body fields: ``text``; ``seed``; ``previous_text`` (CSM context, a
-text-only turn of the same speaker); ``model_id``, ``voice_settings``, ``next_text``,
-``language_code`` and the rest are accepted and ignored. Errors come in ElevenLabs' shapes:
+context), each sentence normalised (numbers, dates, symbols as words) unless
+``apply_text_normalization`` is ``"off"``; every chunk carries the characters it speaks, as sent
+(``alignment``) and as spoken (``normalized_alignment``): estimates (:mod:`.alignment`). Body fields:
+``text``; ``seed``; ``previous_text`` (CSM context, a text-only turn of the same speaker);
+``apply_text_normalization`` (also as a query parameter); ``model_id``, ``voice_settings``,
+``next_text``, ``language_code`` and the rest are accepted and ignored. Errors come in ElevenLabs' shapes:
 ``{"detail": {"status", "message"}}``, and FastAPI's ``{"detail": [...]}`` with 422 for a bad field.
 
 Every route follows the shared rule of :mod:`csmserve.server.streaming`: the streamed ones go through
@@ -23,9 +25,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from csmserve.api.elevenlabs.alignment import Aligned, StreamAligner
 from csmserve.api.elevenlabs.formats import OutputFormat, output_sink, parse_output_format
-from csmserve.api.elevenlabs.messages import parse_seed, speech_request
-from csmserve.api.elevenlabs.text import http_alignment
+from csmserve.api.elevenlabs.messages import parse_seed, parse_text_normalization, speech_request
+from csmserve.api.elevenlabs.text import http_alignment, joined
 from csmserve.api.elevenlabs.voices import voice_not_found, voice_of
 from csmserve.errors import CsmServeError, InvalidRequest, NotReady, Overloaded
 from csmserve.logs import request_id
@@ -33,16 +36,16 @@ from csmserve.server.payload import json_object
 from csmserve.server.state import ServerState, state_of
 from csmserve.server.streaming import collected, guarded_stream
 from csmserve.speech import Turn
+from csmserve.speech.spoken import spoken_sentences
 from csmserve.speech.voices import VoiceChoice, speaker_of
-from csmserve.text.sentences import split_sentences
 
 ENDPOINT = "elevenlabs"
 #: A valid body, shown in errors about bodies that are not one.
 EXAMPLE = '{"text": "Hello there."}'
 router = APIRouter(prefix="/v1/text-to-speech")
 
-#: A piece of the output: encoded bytes, and after each sentence its (text, start ms, duration ms).
-Piece = tuple[bytes, tuple[str, float, float] | None]
+#: A piece of the output: encoded bytes, and the characters they speak (None: none).
+Piece = tuple[bytes, Aligned | None]
 
 
 def detail(status_code: int, status: str, message: str, **headers: str) -> JSONResponse:
@@ -71,10 +74,10 @@ class Speech:
 
     def __init__(
         self, state: ServerState, voice: VoiceChoice, text: str, output: OutputFormat, seed: int | None,
-        previous: str | None,
+        previous: str | None, normalize: bool = True,
     ):
         self.state, self.voice, self.text, self.output = state, voice, text, output
-        self.seed, self.previous = seed, previous
+        self.seed, self.previous, self.normalize = seed, previous, normalize
 
     def _context(self) -> tuple[Turn, ...]:
         """``previous_text`` as a text-only turn of the speaker (a registered voice's own speaker id)."""
@@ -88,17 +91,19 @@ class Speech:
         disconnects are the caller's (:mod:`csmserve.server.streaming`); closing this closes the engine's stream."""
         speech = self.state.speech
         audio = speech.sentences(output_sink(self.output, speech.stats(), self.state.settings.default_chunk_ms))
-        for i, sentence in enumerate(split_sentences(self.text)):
+        aligner = StreamAligner(self.output)
+        for i, sentence in enumerate(spoken_sentences(self.text, self.normalize)):
             context = self._context() if i == 0 else ()
-            request = speech_request(self.voice, sentence, seed=self.seed, request_id=request_id.get(), context=context)
-            start = audio.stats.samples
+            said = sentence.text.strip()
+            request = speech_request(self.voice, said, seed=self.seed, request_id=request_id.get(), context=context)
+            aligner.start(sentence)
             async with contextlib.aclosing(audio.speak(request)) as chunks:
                 async for chunk in chunks:
-                    yield chunk, None
-            rate = speech.sample_rate
-            spoken = (" " if i else "") + sentence
-            yield b"".join(audio.cut()), (spoken, 1000 * start / rate, 1000 * (audio.stats.samples - start) / rate)
-        yield b"".join(audio.finish()), None
+                    yield chunk, aligner.chunk(chunk)
+            cut = b"".join(audio.cut())
+            yield cut, aligner.chunk(cut, last=True)
+        tail = b"".join(audio.finish())
+        yield tail, aligner.chunk(tail)
 
 
 async def parse(request: Request, voice_id: str) -> Speech | JSONResponse:
@@ -128,11 +133,17 @@ async def parse(request: Request, voice_id: str) -> Speech | JSONResponse:
         seed = parse_seed(body.get("seed"))
     except InvalidRequest as exc:
         return invalid_field("body", "seed", exc.message)
+    where = "body" if "apply_text_normalization" in body else "query"
+    try:
+        value = body.get("apply_text_normalization", request.query_params.get("apply_text_normalization"))
+        normalize = parse_text_normalization(value)
+    except InvalidRequest as exc:
+        return invalid_field(where, "apply_text_normalization", exc.message)
     voice = voice_of(voice_id, state.voices, state.settings)
     if voice is None:
         return detail(404, "voice_not_found", voice_not_found(voice_id))
     # Blank previous_text says nothing: no context turn (a text-only turn needs words).
-    return Speech(state, voice, text, output, seed, previous if previous and previous.strip() else None)
+    return Speech(state, voice, text, output, seed, previous if previous and previous.strip() else None, normalize)
 
 
 async def respond(voice_id: str, request: Request, *, streamed: bool, timestamps: bool) -> Response:
@@ -150,26 +161,30 @@ async def respond(voice_id: str, request: Request, *, streamed: bool, timestamps
 async def whole_file(request: Request, speech: Speech, timestamps: bool) -> Response:
     """The whole audio (or its JSON with timings), generated under the shared rule: admission (429),
     deadline, cancelled on disconnect."""
-    audio, spans = bytearray(), []
+    audio, aligned = bytearray(), []
 
     async def collect() -> None:
         async with contextlib.aclosing(speech.pieces()) as pieces:
-            async for data, span in pieces:
+            async for data, chars in pieces:
                 audio.extend(data)
-                if span is not None:
-                    spans.append(span)
+                if chars is not None:
+                    aligned.append(chars)
 
     failure = await collected(request, speech.state, ENDPOINT, collect, error_response)
     if failure is not None:
         return failure
     if not timestamps:
         return Response(bytes(audio), media_type=speech.output.media_type)
-    return JSONResponse(timed_chunk(bytes(audio), spans))
+    return JSONResponse(timed_chunk(bytes(audio), aligned))
 
 
-def timed_chunk(audio: bytes, spans: list[tuple[str, float, float]]) -> dict:
-    alignment = http_alignment(spans) if spans else None
-    return {"audio_base64": base64.b64encode(audio).decode("ascii"), "alignment": alignment, "normalized_alignment": alignment}
+def timed_chunk(audio: bytes, aligned: list[Aligned]) -> dict:
+    """Audio with the characters it speaks, as sent (``alignment``) and as spoken (``normalized_alignment``)."""
+    return {
+        "audio_base64": base64.b64encode(audio).decode("ascii"),
+        "alignment": http_alignment(joined(a.written for a in aligned)) if aligned else None,
+        "normalized_alignment": http_alignment(joined(a.spoken for a in aligned)) if aligned else None,
+    }
 
 
 async def audio_bytes(speech: Speech) -> AsyncIterator[bytes]:
@@ -180,11 +195,11 @@ async def audio_bytes(speech: Speech) -> AsyncIterator[bytes]:
 
 
 async def timed_lines(speech: Speech) -> AsyncIterator[bytes]:
-    """One JSON object a line; each sentence's last chunk carries its characters (times from the start)."""
+    """One JSON object a line: each chunk with the characters it speaks (times from the start of the audio)."""
     async with contextlib.aclosing(speech.pieces()) as pieces:
-        async for data, span in pieces:
-            if data or span is not None:
-                yield (json.dumps(timed_chunk(data, [span] if span else [])) + "\n").encode()
+        async for data, chars in pieces:
+            if data or chars is not None:
+                yield (json.dumps(timed_chunk(data, [chars] if chars else [])) + "\n").encode()
 
 
 @router.post("/{voice_id}")

@@ -3,8 +3,10 @@
 A receive loop feeds frames to :class:`~csmserve.api.elevenlabs.session.ContextSession`; each context
 has a :class:`ContextRunner` task that speaks its sentences in order as one continuous stream (a
 :class:`~csmserve.speech.SentenceStream`: the previous sentence as context, the codec state carried),
-so contexts on one socket generate concurrently. Barge-in cancels a runner's current generation,
-which stops the engine before its next frame.
+so contexts on one socket generate concurrently. Each sentence is normalised on its own (numbers,
+dates, symbols as words) unless ``apply_text_normalization=off``, and every audio message carries the
+characters it speaks (:mod:`.alignment`). Barge-in cancels a runner's current generation, which stops
+the engine before its next frame.
 
 The rules of ``/ws/generate`` apply, from the same code (:mod:`csmserve.server.ws`): Origin and key
 checks (``admit``; the key may also come as the ``xi-api-key`` header, the ``authorization`` query
@@ -28,6 +30,7 @@ from typing import NoReturn
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from csmserve.api.elevenlabs.alignment import Aligned, StreamAligner
 from csmserve.api.elevenlabs.formats import output_sink
 from csmserve.api.elevenlabs.messages import (
     StreamSettings,
@@ -52,6 +55,7 @@ from csmserve.server.streaming import outcome_of
 from csmserve.server.ws import NORMAL, POLICY_VIOLATION, CloseConnection, Socket, accept, wait_for_child
 from csmserve.speech import SentenceStream
 from csmserve.speech.voices import VoiceChoice
+from csmserve.text.normalize import Normalized, normalize_for_speech
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -72,6 +76,8 @@ class ContextRunner:
         self.stopped = False
         #: The context's outcome once counted in the requests metric (once per context).
         self.counted: str | None = None
+        #: The characters each audio message speaks (set when the context starts speaking).
+        self.aligner: StreamAligner | None = None
         self.speaking: asyncio.Task | None = None
         voice = connection.voice.voice or str(connection.voice.speaker_id)
         self.access = AccessLine(
@@ -130,11 +136,19 @@ class ContextRunner:
         finally:
             self.connection.runners.discard(self)
 
+    def message(self, audio: bytes, chars: Aligned | None = None) -> dict:
+        """An audio message with the characters it speaks (ms from the start of its own audio)."""
+        if chars is None:
+            return audio_message(audio, self.context_id)
+        written, spoken = ws_alignment(chars.written, chars.start_ms), ws_alignment(chars.spoken, chars.start_ms)
+        return audio_message(audio, self.context_id, written, spoken)
+
     async def _run(self) -> None:
         conn = self.connection
         speech = conn.state.speech
         audio = speech.sentences(output_sink(conn.query.output, speech.stats(), conn.settings.default_chunk_ms))
         self.access.stats = audio.stats
+        self.aligner = StreamAligner(conn.query.output)
         first = True
         while not self.stopped:
             if not self.pending:
@@ -155,29 +169,30 @@ class ContextRunner:
         if not self.stopped:
             tail = b"".join(audio.finish())
             if tail:
-                await conn.socket.send_json(audio_message(tail, self.context_id))
+                await conn.socket.send_json(self.message(tail, self.aligner.chunk(tail)))
         self.count("cancelled" if self.stopped else "ok")
         await conn.socket.send_json(final_message(self.context_id))
         conn.session.ended(self.context)
 
     async def speak(self, sentence: str, audio: SentenceStream, first: bool) -> None:
-        """Generate one sentence and send its audio; the last chunk carries the sentence's alignment.
+        """Generate one sentence and send its audio, each chunk with the characters it speaks.
         A failure (the deadline too) is counted, then said to the client with the slot already free."""
         conn, state = self.connection, self.connection.state
         current_request_id.set(self.context.id)  # the log filter strips its control characters
+        spoken = normalize_for_speech(sentence, conn.query.normalize)
+        self.aligner.start(spoken if first else Normalized.unchanged(" ") + spoken)
         try:
             state.admission.enter(ENDPOINT)
         except Overloaded as exc:
             self.count("rejected")
             await conn.refuse(exc, "overloaded", "too_many_concurrent_requests")
-        start = audio.stats.samples
         failure: CsmServeError | None = None
         try:
-            request = speech_request(conn.voice, sentence, seed=conn.query.seed, request_id=self.context.id)
+            request = speech_request(conn.voice, spoken.text, seed=conn.query.seed, request_id=self.context.id)
             with deadline(conn.settings.request_timeout_s):
                 async with contextlib.aclosing(audio.speak(request)) as chunks:
                     async for chunk in chunks:  # closed on any exit: the engine stops generating
-                        await conn.socket.send_json(audio_message(chunk, self.context_id))
+                        await conn.socket.send_json(self.message(chunk, self.aligner.chunk(chunk)))
         except CsmServeError as exc:
             failure = exc
         except (CloseConnection, WebSocketDisconnect, OSError):
@@ -193,10 +208,8 @@ class ContextRunner:
             message = error_message(failure.code, failure.to_dict()["message"], GENERATION_ERROR, self.context_id)
             await conn.socket.send_json(message)
             return
-        duration_ms = 1000 * (audio.stats.samples - start) / state.speech.sample_rate
-        spoken = sentence if first else " " + sentence
         cut = b"".join(audio.cut())
-        await conn.socket.send_json(audio_message(cut, self.context_id, ws_alignment(spoken, duration_ms)))
+        await conn.socket.send_json(self.message(cut, self.aligner.chunk(cut, last=True)))
 
 
 class ElevenLabsConnection:

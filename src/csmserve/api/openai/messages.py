@@ -16,6 +16,7 @@ from csmserve.config import Settings
 from csmserve.errors import InvalidRequest
 from csmserve.server.payload import json_object
 from csmserve.speech import SpeechRequest
+from csmserve.speech.spoken import spoken_text
 from csmserve.speech.voices import SPEAKER_NAMES, VoiceBook, VoiceChoice, choose_voice
 
 MODEL_IDS = ("csm-1b", "sesame/csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
@@ -135,9 +136,10 @@ class SpeechBody(BaseModel):
         return value
 
     def to_speech_request(self, request_id: str | None) -> SpeechRequest:
-        """What to say, in the chosen voice (a registered voice speaks as its own speaker)."""
+        """What to say (the input's spoken form: OpenAI's API has no switch for it), in the chosen
+        voice (a registered voice speaks as its own speaker)."""
         return SpeechRequest(
-            text=self.input, speaker_id=self.voice.speaker_id, voice=self.voice.voice, seed=self.seed,
+            text=spoken_text(self.input), speaker_id=self.voice.speaker_id, voice=self.voice.voice, seed=self.seed,
             request_id=request_id,
         )
 

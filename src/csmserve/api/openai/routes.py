@@ -91,19 +91,19 @@ async def speech(request: Request) -> Response:
     if body.stream_format == "audio":
         chunks, media_type = state.speech.stream(spoken, sink), encoder.media_type
     else:
-        chunks, media_type = events(state, spoken, sink), "text/event-stream"
+        chunks, media_type = events(state, spoken, sink, len(body.input)), "text/event-stream"
     return await guarded_stream(state, ENDPOINT, chunks, media_type, error_response, sink.stats)
 
 
-async def events(state: ServerState, spoken: SpeechRequest, sink: AudioSink) -> AsyncIterator[bytes]:
-    """The audio as server-sent events: ``speech.audio.delta`` (base64), then ``speech.audio.done`` with usage."""
+async def events(state: ServerState, spoken: SpeechRequest, sink: AudioSink, text: int) -> AsyncIterator[bytes]:
+    """The audio as server-sent events: ``speech.audio.delta`` (base64), then ``speech.audio.done`` with
+    usage (``text``: the input's characters)."""
     total = 0
     async with contextlib.aclosing(state.speech.stream(spoken, sink)) as chunks:
         async for data in chunks:
             total += len(data)
             payload = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")}
             yield f"data: {json.dumps(payload)}\n\n".encode()
-    text = len(spoken.text)
     usage = {"input_tokens": text, "output_tokens": total, "total_tokens": text + total}
     yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage})}\n\n".encode()
 

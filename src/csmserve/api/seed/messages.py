@@ -52,6 +52,7 @@ from csmserve.errors import InvalidRequest
 from csmserve.server.payload import json_object
 from csmserve.speech import AudioSink, SpeechRequest, StreamStats, Turn as SpeechTurn
 from csmserve.speech.sink import AsCallMessages, InChunks, Packer
+from csmserve.speech.spoken import spoken_text
 
 PCM_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 FORMATS = ("pcm_s16le", "mulaw", "alaw")
@@ -74,6 +75,7 @@ OPTION_FIELDS = (
     "stream_sid",
     "voice",
     "context",
+    "normalize",
 )
 KNOWN_FIELDS = {"type", "text", "context_id", "token", *OPTION_FIELDS}
 #: A valid message, shown in errors about messages that are not one.
@@ -220,6 +222,8 @@ class GenerateRequest(BaseModel):
     voice: str | None = None
     request_id: str | None = None
     context: tuple[Turn, ...] = ()
+    #: Numbers, dates, prices and symbols said as words (docs/normalisation.md); false: as written.
+    normalize: bool = True
     #: Unknown fields the client sent; they are ignored and reported back in ``done``.
     ignored_fields: tuple[str, ...] = ()
 
@@ -329,10 +333,18 @@ class GenerateRequest(BaseModel):
     def _context(cls, value: Any, info: ValidationInfo) -> tuple[Turn, ...]:
         return _context(value, _limits(info))
 
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalize(cls, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise InvalidRequest("normalize must be true or false")
+        return value
+
     def to_speech_request(self) -> SpeechRequest:
-        """What to say. ``speaker_id`` only when the client sent it: a named voice brings its own."""
+        """What to say (the text's spoken form, unless ``normalize`` is off). ``speaker_id`` only when
+        the client sent it: a named voice brings its own."""
         return SpeechRequest(
-            text=self.text,
+            text=spoken_text(self.text, self.normalize),
             speaker_id=self.speaker_id if "speaker_id" in self.model_fields_set else None,
             voice=self.voice,
             max_audio_ms=self.max_audio_ms,

@@ -25,6 +25,7 @@ from csmserve import __version__
 from csmserve.config import Settings
 from csmserve.errors import CsmServeError, InvalidRequest
 from csmserve.speech import SpeechRequest
+from csmserve.speech.spoken import spoken_text
 from csmserve.speech.voices import VoiceBook, VoiceChoice, choose_voice
 
 RATE, WIDTH, CHANNELS = 24_000, 2, 1
@@ -116,7 +117,9 @@ def voice_label(choice: VoiceChoice) -> str:
 
 
 def speech_request(choice: VoiceChoice, text: str, request_id: str) -> SpeechRequest:
-    return SpeechRequest(text=text, speaker_id=choice.speaker_id, voice=choice.voice, request_id=request_id)
+    """The request for ``text`` (a whole text or one streamed sentence), said as people say it: Wyoming has
+    no field to turn normalisation off (Home Assistant reads times, temperatures and numbers)."""
+    return SpeechRequest(text=spoken_text(text), speaker_id=choice.speaker_id, voice=choice.voice, request_id=request_id)
 
 
 def info_event(voices: VoiceBook, settings: Settings) -> Event:
