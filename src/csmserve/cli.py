@@ -121,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from csmserve.logs import setup_logging
 
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, settings.log_query_strings)
     from csmserve.app import create_app
     from csmserve.server.serving import uvicorn_config
 

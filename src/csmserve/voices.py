@@ -8,7 +8,14 @@ start-up, files that cannot be read are skipped with a warning and never stop th
 
 Several processes may share one directory (Ray Serve replicas on a shared volume): a voice another
 process registered is read from disk the first time it is asked for (or listed), and one it deleted
-disappears here too. Temporary files have unique names, so writers never collide.
+disappears here too. Temporary files have unique names, so writers never collide. The directory is
+scanned again only when its modification time says its listing changed (or changed so recently that
+a second change could share the timestamp), so a lookup that misses costs one ``stat``, not a scan:
+a client asking for names that do not exist cannot make every request read the directory.
+
+Names are compared and stored in one form (:func:`normalise_name`): NFKC, so full-width and other
+compatibility forms are the letters they look like; format characters (zero-width, direction marks)
+and a mix of scripts with look-alike letters (a Cyrillic "а" among Latin ones) are refused.
 """
 
 from __future__ import annotations
@@ -21,12 +28,13 @@ import re
 import secrets
 import threading
 import time
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from csmserve.errors import Conflict
+from csmserve.errors import Conflict, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,36 @@ ID_PATTERN = re.compile(r"^voice_[A-Za-z0-9_-]{12}$")
 #: A temporary file older than this is a crashed writer's, not one still being written by another process.
 STALE_TMP_S = 600.0
 WRITING_PATTERN = re.compile(r"^voice_[A-Za-z0-9_-]{12}\.(json|npy)\.[0-9a-f]{12}\.tmp$")
+#: A directory changed less than this long before a scan may change again within the same timestamp
+#: (coarse file system clocks: FAT's 2 s): until it is older, a miss scans again.
+RACY_S = 2.0
+
+
+def normalise_name(name: str) -> str:
+    """A voice name as it is stored and compared: NFKC-normalised (``ａｌｌｏｙ`` is ``alloy``) and
+    stripped. Raises :class:`InvalidRequest` for format or control characters (``alloy`` + U+200B) and
+    for letters of several scripts that look alike (``аlloy`` with a Cyrillic ``а``)."""
+    from confusable_homoglyphs import confusables  # its tables load on first use: registration only
+
+    name = unicodedata.normalize("NFKC", name).strip()
+    if any(unicodedata.category(c) in ("Cf", "Cc", "Cs", "Co", "Cn") for c in name):
+        raise InvalidRequest("a voice name may not contain invisible, control or unassigned characters", "name")
+    if confusables.is_dangerous(name):
+        raise InvalidRequest("a voice name may not mix scripts whose letters look alike", "name")
+    return name
+
+
+def latin_skeleton(name: str) -> str:
+    """``name`` in lower case with every letter that looks like a Latin one replaced by it (a whole
+    Cyrillic ``аllоу`` reads ``alloy``): what a reserved name is compared with."""
+    from confusable_homoglyphs import confusables
+
+    out = []
+    for char in unicodedata.normalize("NFKC", name).casefold():
+        found = not char.isascii() and confusables.is_confusable(char, preferred_aliases=["latin"])
+        latin = [g["c"] for g in found[0]["homoglyphs"] if g["c"].isascii()] if found else []
+        out.append(latin[0].lower() if latin else char)
+    return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -60,6 +98,9 @@ class VoiceStore:
         self._codes: dict[str, np.ndarray] = {}
         self._unreadable: dict[str, float] = {}  # id -> mtime of a file already warned about
         self._lock = threading.Lock()
+        self._listed: int | None = None  # the directory's mtime (ns) at the last scan; None: scan
+        #: Directory scans so far (a miss that finds the listing unchanged does not scan).
+        self.scans = 0
         self._load_all()
 
     def _load_all(self) -> None:
@@ -88,8 +129,24 @@ class VoiceStore:
             return None
         return voice, codes
 
+    def _listing_changed(self) -> bool:
+        """Whether the directory may list other files than at the last scan; remembers its mtime if so."""
+        try:
+            mtime = self.directory.stat().st_mtime_ns
+        except FileNotFoundError:
+            return True
+        if mtime == self._listed:
+            return False
+        # A change within RACY_S of now may be followed by another with the same timestamp: scan again next time.
+        self._listed = mtime if time.time_ns() - mtime > RACY_S * 1e9 else None
+        return True
+
     def refresh(self) -> None:
-        """Pick up voices other processes added to the directory, and drop those they deleted."""
+        """Pick up voices other processes added to the directory, and drop those they deleted (a
+        scan only when the directory's listing changed)."""
+        if not self._listing_changed():
+            return
+        self.scans += 1
         on_disk = {meta.stem: meta for meta in self.directory.glob("voice_*.json")}
         with self._lock:
             known = set(self._voices)
@@ -120,7 +177,9 @@ class VoiceStore:
         os.replace(tmp, path)
 
     def add(self, name: str, speaker_id: int, transcript: str, codes: np.ndarray) -> Voice:
-        """Store a new voice. Raises :class:`Conflict` when ``name`` (case-insensitive) is taken."""
+        """Store a new voice under its :func:`normalise_name`. Raises :class:`Conflict` when the name
+        (case-insensitive) is taken, :class:`InvalidRequest` when it is not a valid name."""
+        name = normalise_name(name)
         with self._lock:
             if any(v.name.casefold() == name.casefold() for v in self._voices.values()):
                 raise Conflict(f"a voice named {name!r} exists already; pick another name or delete it first")
@@ -159,11 +218,12 @@ class VoiceStore:
         return voice
 
     def _find(self, key: str) -> Voice | None:
+        name = unicodedata.normalize("NFKC", key)  # names are stored normalised
         with self._lock:
             if key in self._voices:
                 return self._voices[key]
             for voice in self._voices.values():
-                if voice.name == key:
+                if voice.name == name:
                     return voice
         return None
 

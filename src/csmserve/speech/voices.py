@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from csmserve.engine import ContextTurn
 from csmserve.errors import InvalidRequest
-from csmserve.voices import ID_PATTERN, VoiceStore
+from csmserve.voices import ID_PATTERN, VoiceStore, latin_skeleton
 
 #: OpenAI's voice names -> CSM speaker ids (alphabetical order of OpenAI's list). Only the OpenAI API
 #: accepts them, but no registered voice may take one, so that a name means one thing everywhere.
@@ -53,8 +53,11 @@ def speaker_of(choice: VoiceChoice, voices: VoiceStore) -> int:
 
 
 def reserved_name(name: str) -> bool:
-    """Whether a new voice may not take ``name``: a speaker name, a speaker id or a voice id."""
-    return name.casefold() in SPEAKER_NAMES or name.isdigit() or ID_PATTERN.match(name) is not None
+    """Whether a new voice may not take ``name``: a speaker name, a speaker id or a voice id, or
+    something that reads as one (compared by :func:`~csmserve.voices.latin_skeleton`: ``ａｌｌｏｙ``,
+    a Cyrillic ``аllоу``)."""
+    seen = latin_skeleton(name)
+    return seen in SPEAKER_NAMES or seen.isdigit() or ID_PATTERN.match(seen) is not None
 
 
 def voice_turns(name: str | None, voices: VoiceStore) -> tuple[int | None, tuple[ContextTurn, ...]]:

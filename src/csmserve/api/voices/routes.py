@@ -20,7 +20,7 @@ from csmserve.audio.decode import decode_clip
 from csmserve.errors import Conflict, InvalidRequest, NotFound, NotReady, Overloaded
 from csmserve.server.state import ServerState, state_of
 from csmserve.speech.voices import reserved_name
-from csmserve.voices import Voice
+from csmserve.voices import Voice, normalise_name
 
 router = APIRouter(prefix="/v1/voices")
 #: Uploads that may wait for a decoder; more are refused with a 429.
@@ -51,7 +51,7 @@ async def create_voice(
             {"error": {"code": "upload_too_large", "message": f"uploads are limited to {settings.max_upload_bytes} bytes"}},
             status_code=413,
         )
-    name = name.strip()
+    name = normalise_name(name)  # NFKC; invisible characters and look-alike script mixes refused (400)
     if reserved_name(name):
         raise Conflict(f"{name!r} is reserved (an OpenAI voice name, a speaker id or a voice id); pick another name")
     if state.voices.get(name) is not None:
