@@ -43,6 +43,7 @@ STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 
 #: The first second of a body is not held to ``min_body_rate`` (a connection's slow start).
 BODY_GRACE_S = 1.0
+BODY_LATE = "the request body did not arrive in time (CSM_BODY_TIMEOUT_S, CSM_MIN_BODY_RATE)"
 
 
 class BodyRefused(Exception):
@@ -93,12 +94,14 @@ class Guard:
             return
         conn = HTTPConnection(scope)
         headers = conn.headers
-        if not self.hosts.allows(headers.get("host")):
-            log.warning("refused a request for Host %r (CSM_ALLOWED_HOSTS)", clean_id(headers.get("host")))
+        host = headers.get("host")
+        if not self.hosts.allows(host):
+            log.warning("refused a request for Host %r (CSM_ALLOWED_HOSTS)", clean_id(host))
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})  # before accept: a 403
             else:
-                await send_error(send, 421, "host_not_allowed", f"this server does not answer for Host {clean_id(headers.get('host'))!r}; see CSM_ALLOWED_HOSTS")
+                message = f"this server does not answer for Host {clean_id(host)!r}; see CSM_ALLOWED_HOSTS"
+                await send_error(send, 421, "host_not_allowed", message)
             return
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
@@ -140,7 +143,7 @@ class Guard:
             code, what = "body_too_large", f"request bodies on {path} are limited to {self.body_limit(path)} bytes"
         return 413, code, what, {"Connection": "close"}
 
-    def body_wait(self, elapsed: float, received: int) -> float | None:
+    def body_wait(self, elapsed: float, received: int) -> float:
         """Seconds until a body that has ``received`` bytes after ``elapsed`` s would be late (0: it
         is late now)."""
         settings = self.state.settings
@@ -168,7 +171,7 @@ class Guard:
                     message = await receive()
                     break
                 if self.body_wait(time.monotonic() - body_started, received) == 0.0:
-                    refused = 408, "body_timeout", "the request body did not arrive in time", {"Connection": "close"}
+                    refused = 408, "body_timeout", BODY_LATE, {"Connection": "close"}
                     raise BodyRefused
             if message["type"] != "http.request":
                 body_done = True

@@ -49,8 +49,7 @@ class ConnectionTransport:
         self._transport = transport
         self._linger_s = linger_s
         self.written = 0
-        sock = transport.get_extra_info("socket")
-        self._fd = sock.fileno() if sock is not None and _OUTQ is not None else None
+        self._socket = transport.get_extra_info("socket") if _OUTQ is not None else None
 
     def write(self, data) -> None:
         self.written += len(data)
@@ -64,11 +63,12 @@ class ConnectionTransport:
         """Bytes written and not yet acknowledged by the client: asyncio's buffer, plus (Linux) the
         kernel's send queue. Elsewhere only asyncio's buffer is seen."""
         pending = self._transport.get_write_buffer_size()
-        if self._fd is not None:
+        fd = self._socket.fileno() if self._socket is not None else -1  # -1 once closed (never a reused number)
+        if fd >= 0:
             try:
-                pending += struct.unpack("i", fcntl.ioctl(self._fd, _OUTQ, b"\0\0\0\0"))[0]
-            except OSError:  # closed meanwhile, or not a TCP socket
-                self._fd = None
+                pending += struct.unpack("i", fcntl.ioctl(fd, _OUTQ, b"\0\0\0\0"))[0]
+            except OSError:  # not a TCP socket (a Unix socket, another platform)
+                self._socket = None
         return pending
 
     def close(self) -> None:

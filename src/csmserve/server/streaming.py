@@ -152,8 +152,10 @@ async def first_piece(slot: Slot, chunks: AsyncIterator[bytes]) -> bytes | None:
 class GuardedStream(Response):
     """Streams ``chunks`` (response bytes) to one HTTP client under the shared rule (module doc).
 
-    ``first`` is what :func:`first_piece` returned. The slot is left, and the outcome counted, when
-    the stream ends in any way; ``chunks`` is closed, which cancels generation in the engine."""
+    ``first`` is what :func:`first_piece` returned. ``stats`` (the stream's figures) pace it by what
+    the client has taken (:mod:`csmserve.server.pacing`); without them only the send deadline holds.
+    The slot is left, and the outcome counted, when the stream ends in any way; ``chunks`` is closed,
+    which cancels generation in the engine."""
 
     def __init__(
         self, slot: Slot, chunks: AsyncIterator[bytes], first: bytes | None, media_type: str, stats: StreamStats | None = None
