@@ -54,7 +54,8 @@ ENV HF_HOME=/data/hf \
     CSM_PORT=8000 \
     CSM_OFFLINE_MODEL_DIR=/data/offline-model \
     CSM_AUDIO_DIR=/data/audio \
-    CSM_VOICES_DIR=/data/voices
+    CSM_VOICES_DIR=/data/voices \
+    CSM_COMPILE_CACHE_DIR=/data/compile-cache
 VOLUME ["/data"]
 WORKDIR /data
 USER 10001:10001

@@ -13,7 +13,7 @@ RAY := $(VENV)/.installed-ray
 DOCS := $(VENV)/.installed-docs
 SITE ?= site
 
-.PHONY: install browser serve serve-ray test test-fast docs docs-serve bench load load-ray clean
+.PHONY: install browser serve serve-ray test test-fast docs docs-serve bench bench-gpu load load-ray clean
 
 install: $(RUNTIME)
 
@@ -62,6 +62,11 @@ docs-serve: $(DOCS)
 bench: $(RUNTIME)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/gpu.py
+
+# On a GPU host: the bare step per batch size and the server with 1-256 streams (docs/benchmarks.md, "GPU").
+bench-gpu: $(RUNTIME)
+	$(BIN)/python bench/gpu.py --write docs/benchmarks.md
 
 load: $(DEV)
 	$(BIN)/python bench/load.py

@@ -25,10 +25,16 @@ class GenerateThenChunk:
     def enter(self, stream, slot):
         pass
 
+    def start_piece(self, row):
+        pass
+
+    def copy(self, copies):
+        pass
+
     def leave(self, stream, slot):
         pass
 
-    def prefill(self, row, start, length):
+    def prefill(self, chunks):
         pass
 
     def decode(self, rows):

@@ -32,8 +32,16 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from run import (  # noqa: E402
-    PROMPT, full_size_model, machine, matvec_bandwidth, serve, sync, weight_bytes_per_frame, write_section,
+    PROMPT,
+    full_size_model,
+    machine,
+    matvec_bandwidth,
+    serve,
+    sync,
+    weight_bytes_per_frame,
+    write_section,
 )
+from streams import streams_at_once  # noqa: E402
 
 from csmserve.engine.runner import BatchRunner, RowSampling  # noqa: E402
 
@@ -46,23 +54,21 @@ def cpu_capability() -> str:
 
 
 def step_table(model, dtype: str, device: str, frames: int) -> list[dict]:
-    """Median step time (one frame for every row: backbone, 31 depth steps, sampling, feeding it back)."""
+    """Median step time (one frame for every row: backbone, 31 depth steps, sampling, feeding it back, the
+    codec's decode of the frame) at each batch size, on the runner the server uses (eager on a CPU)."""
     runner = BatchRunner(model, slots=max(SIZES))
-    embeds = runner.embed_text(PROMPT)
+    embeds = runner.embed_text(PROMPT)[0]
     for slot in range(max(SIZES)):
-        runner.prefill(slot, embeds, 0)
+        runner.start(slot, RowSampling.create(runner.defaults, seed=slot))
+    runner.prefill([(slot, 0, embeds) for slot in range(max(SIZES))])
     floor = 1000 * weight_bytes_per_frame(model) / matvec_bandwidth(runner.dtype, device)
     rows = []
     for size in SIZES:
-        slots = list(range(size))
-        sampling = [RowSampling.create(runner, seed=slot) for slot in slots]
         times = []
         for step in range(frames + 1):  # the first step warms up this batch size
             sync(device)
             started = time.perf_counter()
-            codes = runner.frame(slots, sampling)
-            runner.advance(slots, [PROMPT.shape[1] + step] * size, codes)
-            sync(device)
+            runner.decode([(slot, PROMPT.shape[1] + step, step) for slot in range(size)])
             if step:
                 times.append(time.perf_counter() - started)
         ms = 1000 * statistics.median(times)
@@ -72,28 +78,6 @@ def step_table(model, dtype: str, device: str, frames: int) -> list[dict]:
     for row in rows:
         row["speedup"] = row["fps"] / base
     return rows
-
-
-async def one_stream(port: int, text: str, seed: int, frames: int) -> dict:
-    from csmserve.client import CsmClient
-
-    async with CsmClient(f"ws://127.0.0.1:{port}/ws/generate") as client:
-        started = time.monotonic()
-        await client.send({"text": text, "seed": seed, "max_audio_ms": 80 * frames, "chunk_ms": 80})
-        arrivals, samples = [], 0
-        async for chunk in client.receive():
-            arrivals.append(time.monotonic() - started)
-            samples += len(chunk) // 2
-    first = arrivals[0]
-    # Real time: chunk k (80 ms each) arrives before the k chunks before it have finished playing.
-    real_time = all(t - first <= 0.08 * k + 0.02 for k, t in enumerate(arrivals))
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return {"ttfa": first, "end": arrivals[-1], "audio_s": samples / 24_000, "gaps": gaps, "real_time": real_time}
-
-
-async def streams_at_once(port: int, n: int, frames: int) -> list[dict]:
-    texts = [f"Caller number {i} says hello, and a little more, to fill the prompt." for i in range(n)]
-    return await asyncio.gather(*(one_stream(port, t, i, frames) for i, t in enumerate(texts)))
 
 
 def server_table(model_dir: str | None, frames: int) -> list[dict]:

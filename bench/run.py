@@ -219,7 +219,7 @@ def prefill_ms(model, processor, device: str, text: str) -> float:
         sync(device)
         started = time.perf_counter()
         with torch.inference_mode():
-            generator.runner.prefill(0, embeds, 0)
+            generator.runner.prefill([(0, 0, embeds[0])])
         sync(device)
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)

@@ -1,6 +1,7 @@
-"""``csmserve serve | say | make-tiny-model``. Every ``serve`` flag is also a ``CSM_*`` variable.
+"""``csmserve serve | wyoming | say | voices | make-tiny-model``. Every ``serve`` flag is also a ``CSM_*`` variable.
 
-Imports nothing heavy before a command runs: ``csmserve --help`` does not load torch.
+Imports nothing heavy before a command runs: ``csmserve --help`` does not load torch, and neither does
+``csmserve voices`` (:mod:`csmserve.voices_cli`).
 """
 
 from __future__ import annotations
@@ -111,17 +112,26 @@ class DrainingServer:
         self.server.should_exit = value
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def configured(args: argparse.Namespace) -> Settings | None:
+    """The settings a server command runs with (flags over ``CSM_*``), logging set up by them; None
+    (said on stderr) when they are invalid."""
     from pydantic import ValidationError
 
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
-        return 2
+        return None
     from csmserve.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format, settings.log_query_strings)
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = configured(args)
+    if settings is None:
+        return 2
     from csmserve.app import create_app
     from csmserve.server.serving import uvicorn_config
 
@@ -137,6 +147,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     asyncio.run(server.serve())
     if failure:
         print(f"error: {failure[0].message}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
+    return 0
+
+
+def cmd_wyoming(args: argparse.Namespace) -> int:
+    """The Wyoming port alone (Home Assistant), on the engine ``serve`` would load, until SIGTERM/SIGINT."""
+    import signal
+
+    settings = configured(args)
+    if settings is None:
+        return 2
+    from csmserve.app import serve_wyoming
+
+    async def run():
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        return await serve_wyoming(settings, stop=stop)
+
+    failure = asyncio.run(run())
+    if failure is not None:
+        print(f"error: {failure.message}", file=sys.stderr)
         return EXIT_LOAD_FAILED
     return 0
 
@@ -182,9 +214,11 @@ def cmd_say(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    options = {key: value for key, value in (("seed", args.seed), ("voice", args.voice)) if value is not None}
+
     async def run():
         async with CsmClient(url) as client:
-            return await client.synthesize(args.text, args.speaker, **({"seed": args.seed} if args.seed is not None else {}))
+            return await client.synthesize(args.text, args.speaker, **options)
 
     try:
         result = asyncio.run(run())
@@ -227,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
+    wyoming = sub.add_parser(
+        "wyoming", allow_abbrev=False,
+        help="serve only Wyoming, for Home Assistant (CSM_WYOMING_HOST:CSM_WYOMING_PORT, 127.0.0.1:10200 by default)",
+    )
+    add_settings_flags(wyoming)
+    wyoming.set_defaults(func=cmd_wyoming)
+
     say = sub.add_parser("say", help="stream speech from a running server into a WAV file")
     say.add_argument("text")
     say.add_argument("-o", "--output", default="out.wav", help="WAV file to write")
@@ -236,9 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the server's WebSocket URL (default: ws://CSM_HOST:CSM_PORT/ws/generate, as `serve` listens; "
         "a wildcard host such as 0.0.0.0 means 127.0.0.1)",
     )
-    say.add_argument("--speaker", type=int, default=0, help="speaker id")
+    say.add_argument(
+        "--speaker", type=int, default=None,
+        help="speaker id (default: the voice's own; with neither, the server's default voice, else speaker 0)",
+    )
+    say.add_argument("--voice", default=None, help="a registered voice's name or id (csmserve voices list)")
     say.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same audio)")
     say.set_defaults(func=cmd_say)
+
+    from csmserve.voices_cli import add_voices_parser
+
+    add_voices_parser(sub)
 
     tiny = sub.add_parser("make-tiny-model", help="write the offline CSM checkpoint (random weights)")
     tiny.add_argument("directory", type=Path)

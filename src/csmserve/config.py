@@ -38,7 +38,25 @@ class Settings(BaseSettings):
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="torch.compile the per-token steps (CUDA graphs on a GPU). auto: on with CUDA, off on CPU.",
+        description=(
+            "torch.compile (inductor) the frame step: fused kernels, compiled for every batch size at start-up "
+            "(minutes the first time; see compile_cache_dir). auto: off (on a GPU the step is still one "
+            "captured CUDA graph of the eager kernels; see cuda_graphs)."
+        ),
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description=(
+            "On a GPU, capture the frame step of every batch-size bucket in a CUDA graph at start-up: one "
+            "graph replay per step instead of thousands of kernel launches."
+        ),
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description=(
+            "Where torch.compile keeps its caches (TORCHINDUCTOR_CACHE_DIR): put it on a persistent volume "
+            "so a restart does not compile again. Unset: torch's default (a temporary directory)."
+        ),
     )
     engine: Literal["csm", "fake"] = Field(
         "csm", description="csm: the model. fake: a deterministic tone generator for tests and load tests."
@@ -57,16 +75,18 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description=(
-            "Streams generated together in one batched step (each holds a KV-cache slot). "
-            "Unset: 64 on a GPU, 8 on a CPU. More streams than this wait in the queue."
+            "Streams generated together in one batched step (each holds a KV-cache slot). Unset: on a GPU as "
+            "many as fit in 80 percent of its free memory, at most 256; 8 on a CPU. More streams than this wait in "
+            "the queue."
         ),
     )
-    prefill_chunk: int = Field(
-        256,
+    prefill_chunk: int | None = Field(
+        None,
         ge=1,
         description=(
-            "Prompt positions prefilled per step: a long prompt joins in chunks between the others' frames, "
-            "so an active stream's gap stays about one step plus one chunk."
+            "Prompt positions prefilled per step, for all the prompts joining in it together (one batched "
+            "forward): a long prompt joins in chunks between the others' frames, so an active stream's gap "
+            "stays about one step plus one chunk. Unset: 4096 on a GPU, 256 on a CPU."
         ),
     )
     warmup: bool = Field(True, description="Run one short generation at start-up before reporting ready.")
@@ -81,6 +101,19 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="text, or one JSON object per line.")
     log_query_strings: bool = Field(
         False, description="Keep query strings in access log lines (credentials still redacted). Off: the path only."
+    )
+    wyoming_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description=(
+            "Also serve Wyoming (Home Assistant's text-to-speech protocol) on this port, from the same engine. "
+            "Unset: off (`csmserve wyoming` alone listens on 10200). Wyoming has no authentication."
+        ),
+    )
+    wyoming_host: str = Field(
+        "127.0.0.1",
+        description="Address the Wyoming port listens on: loopback by default, as it has no authentication.",
     )
 
     # Security
@@ -108,8 +141,18 @@ class Settings(BaseSettings):
     protect_metrics: bool = Field(True, description="/metrics needs an API key when keys are configured.")
 
     # Admission and limits
-    max_streams: int = Field(16, ge=1, description="Requests streaming at once (all connections); more get 1013/429.")
-    max_queue: int = Field(32, ge=1, description="Requests waiting for the model worker; more get 1013/429.")
+    max_streams: int | None = Field(
+        None,
+        ge=1,
+        description="Requests streaming at once (all connections); more get 1013/429. Unset: the engine's batch "
+        "(max_batch), at least 16.",
+    )
+    max_queue: int | None = Field(
+        None,
+        ge=1,
+        description="Requests waiting for a row of the engine; more get 1013/429. Unset: the engine's batch, at "
+        "least 32.",
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="Deadline for one request, from its start.")
     max_lag_s: float = Field(10.0, gt=0, description="A client that stops reading for this long is closed.")
     max_lead_s: float = Field(
@@ -180,6 +223,24 @@ class Settings(BaseSettings):
     max_voice_seconds: float = Field(30.0, gt=0, description="Longest accepted reference clip for a voice.")
     max_voice_channels: int = Field(2, ge=1, le=8, description="Most channels a voice upload may have.")
     max_voice_sample_rate: int = Field(48_000, ge=8000, le=192_000, description="Highest sample rate of a voice upload.")
+    default_voice: str | None = Field(
+        None,
+        description=(
+            "A registered voice (name or id) for requests that name none, and the voice named default. "
+            "Unset: such requests speak as a bare speaker id, whose voice changes from request to request. "
+            "Not registered at start-up: a warning, and those requests fail until it is."
+        ),
+    )
+    voice_map: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description=(
+            "Comma-separated NAME=VOICE pairs: a voice name a client sends (OpenAI's alloy, an ElevenLabs "
+            "voice_id) that means a registered voice, on every API. Names are matched in any case."
+        ),
+    )
+    voice_map_file: Path | None = Field(
+        None, description="A file of NAME=VOICE lines (# comments allowed), added to CSM_VOICE_MAP."
+    )
 
     # REST audio store
     audio_dir: Path = Field(Path("var/audio"), description="Where /generate keeps WAV files for download.")
@@ -187,7 +248,7 @@ class Settings(BaseSettings):
     audio_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Most bytes of WAV kept.")
     audio_ttl_s: int = Field(3600, ge=1, description="Seconds a WAV stays downloadable.")
 
-    @field_validator("api_keys", "allowed_origins", "allowed_hosts", mode="before")
+    @field_validator("api_keys", "allowed_origins", "allowed_hosts", "voice_map", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):
@@ -201,25 +262,71 @@ class Settings(BaseSettings):
         return self
 
     def resolved_max_batch(self, device: str) -> int:
-        """``max_batch``, or its default for ``device`` ("cuda..." or "cpu")."""
+        """``max_batch``, or its default for ``device`` ("cuda..." or "cpu"; on a GPU the engine lowers
+        it to what fits in memory)."""
         if self.max_batch is not None:
             return self.max_batch
-        return 64 if device.startswith("cuda") else 8
+        return 256 if device.startswith("cuda") else 8
+
+    def resolved_prefill_chunk(self, device: str) -> int:
+        """``prefill_chunk``, or its default for ``device``."""
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        return 4096 if device.startswith("cuda") else 256
+
+    def resolved_max_streams(self, max_batch: int) -> int:
+        """``max_streams``, or its default for an engine of ``max_batch`` rows."""
+        return self.max_streams if self.max_streams is not None else max(16, max_batch)
+
+    def resolved_max_queue(self, max_batch: int) -> int:
+        """``max_queue``, or its default for an engine of ``max_batch`` rows."""
+        return self.max_queue if self.max_queue is not None else max(32, max_batch)
 
     @model_validator(mode="after")
     def _read_key_file(self) -> Settings:
         if self.api_keys_file is None:
             return self
-        try:
-            lines = Path(self.api_keys_file).read_text().splitlines()
-        except OSError as exc:
-            raise ValueError(f"cannot read api_keys_file {self.api_keys_file}: {exc.strerror}") from None
-        keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        keys = _lines(self.api_keys_file, "api_keys_file")
         if not keys:
             raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
         object.__setattr__(self, "api_keys", self.api_keys + tuple(SecretStr(k) for k in keys))
         return self
 
+    @model_validator(mode="after")
+    def _read_voice_map(self) -> Settings:
+        pairs = self.voice_map
+        if self.voice_map_file is not None:
+            pairs += tuple(_lines(self.voice_map_file, "voice_map_file"))
+        object.__setattr__(self, "voice_map", pairs)
+        self.voice_aliases()  # every pair well formed, no name twice
+        if self.default_voice is not None and not self.default_voice.strip():
+            raise ValueError("default_voice must name a registered voice (or be unset)")
+        return self
+
+    def voice_aliases(self) -> dict[str, str]:
+        """``voice_map`` as ``{name: voice}``. Raises ``ValueError`` for a pair that is not ``NAME=VOICE``,
+        a name given twice (in any case), or a name or voice that is a speaker id (digits)."""
+        aliases: dict[str, str] = {}
+        for pair in self.voice_map:
+            name, sep, voice = (part.strip() for part in pair.partition("="))
+            if not sep or not name or not voice:
+                raise ValueError(f"voice_map: {pair!r} is not NAME=VOICE (e.g. alloy=anna)")
+            if name.isdigit() or voice.isdigit():
+                raise ValueError(f"voice_map: {pair!r}: speaker ids stay speaker ids; map names to registered voices")
+            if any(known.casefold() == name.casefold() for known in aliases):
+                raise ValueError(f"voice_map: {name!r} is mapped twice")
+            aliases[name] = voice
+        return aliases
+
     def audio_budget_ms(self, text: str) -> int:
         """Default maximum audio for ``text``: proportional to its length, within the server cap."""
         return min(self.max_audio_ms, max(self.min_audio_ms, len(text) * self.ms_per_char))
+
+
+def _lines(path: Path, setting: str) -> list[str]:
+    """The lines of the file a setting names, stripped, without blank lines and ``#`` comments."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read {setting} {path}: {exc.strerror}") from None
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]

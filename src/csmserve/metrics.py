@@ -30,6 +30,21 @@ class Metrics:
         self.engine_rows = Gauge("csm_engine_rows", "Streams in the engine's batch now.", registry=r)
         self.engine_free_slots = Gauge("csm_engine_free_slots", "Rows the engine's batch can still take.", registry=r)
         self.engine_step_ms = Gauge("csm_engine_step_milliseconds", "Duration of the engine's last step.", registry=r)
+        self.engine_step_cpu_ms = Gauge(
+            "csm_engine_step_cpu_milliseconds", "CPU time the model thread spent in the engine's last step.", registry=r
+        )
+        self.engine_step_device_ms = Gauge(
+            "csm_engine_step_device_milliseconds",
+            "GPU time of the engine's last decode step (0 on a CPU). Wall time well above this and the CPU "
+            "time is time spent waiting for the interpreter lock.",
+            registry=r,
+        )
+        self.engine_realtime = Gauge(
+            "csm_engine_realtime_streams",
+            "Streams this device holds in real time (the largest batch whose step took at most 80% of a frame "
+            "at start-up; 0 until measured).",
+            registry=r,
+        )
         self.engine_batch = Gauge("csm_engine_batch_size", "Streams decoded in the engine's last step.", registry=r)
         self.active_streams = Gauge("csm_active_streams", "Requests streaming now.", registry=r)
         self.requests = Counter("csm_requests", "Requests by outcome.", ["endpoint", "outcome"], registry=r)
@@ -47,6 +62,9 @@ class Metrics:
         self.engine_rows.set_function(lambda: capacity().active)
         self.engine_free_slots.set_function(lambda: capacity().free_slots)
         self.engine_step_ms.set_function(lambda: capacity().last_step_ms)
+        self.engine_step_cpu_ms.set_function(lambda: capacity().last_step_cpu_ms)
+        self.engine_step_device_ms.set_function(lambda: capacity().last_step_device_ms or 0.0)
+        self.engine_realtime.set_function(lambda: capacity().realtime_streams or 0)
         self.engine_batch.set_function(lambda: capacity().last_batch)
 
     def watch_prefill(self, counts: Callable[[], dict[str, int]]) -> None:

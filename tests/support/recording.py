@@ -12,6 +12,8 @@ class Recording:
         self.inner = inner
         self.codes: dict[str, list[list[int]]] = defaultdict(list)
         self.steps: list[tuple[str | None, list[str]]] = []  # (prefilled request, decoded requests)
+        self.prefilled_together: list[list[str]] = []  # per step that prefilled: the requests it prefilled
+        self.copies: list = []  # (SlotCopy, the moving request's id or None), in order
         self._prefilled: str | None = None
 
     def next_piece(self, stream):
@@ -20,14 +22,23 @@ class Recording:
     def enter(self, stream, slot):
         self.inner.enter(stream, slot)
 
+    def start_piece(self, row):
+        self.inner.start_piece(row)
+
     def leave(self, stream, slot):
         self.inner.leave(stream, slot)
 
-    def prefill(self, row, start, length):
+    def copy(self, copies):
+        self.copies.extend((copy, copy.row.stream.request.request_id if copy.row else None) for copy in copies)
+        self.inner.copy(copies)
+
+    def prefill(self, chunks):
         if self._prefilled is not None:  # the previous step prefilled and decoded nothing
             self.steps.append((self._prefilled, []))
-        self._prefilled = row.stream.request.request_id
-        self.inner.prefill(row, start, length)
+        # The oldest prompt prefilled in the step (a step may prefill several together).
+        self._prefilled = chunks[0][0].stream.request.request_id
+        self.prefilled_together.append([row.stream.request.request_id for row, _, _ in chunks])
+        self.inner.prefill(chunks)
 
     def decode(self, rows):
         frames = self.inner.decode(rows)

@@ -34,7 +34,8 @@ def greedy(loaded):
 
 
 async def started(loaded, **overrides) -> tuple[CsmEngine, Recording]:
-    settings = Settings(device="cpu", dtype="float32", warmup=False, max_batch=4, prefill_chunk=8, **overrides)
+    overrides = {"max_batch": 4, "prefill_chunk": 8} | overrides
+    settings = Settings(device="cpu", dtype="float32", warmup=False, **overrides)
     engine = CsmEngine(settings, loaded=loaded)
     await engine.start()
     recording = Recording(engine._worker.model)
@@ -210,3 +211,89 @@ async def test_alternating_voices_each_reuse_their_own_slots_prefix(loaded):
         await engine.close()
     voice_positions = 12 + 1  # each voice's frames and its audio_eos frame, after its transcript's tokens
     assert after["reused"] - before["reused"] >= 2 * voice_positions
+
+
+async def test_a_stream_moved_to_a_lower_slot_keeps_its_codes_sampling_and_audio(loaded):
+    """When the rows below it leave, a seeded stream is packed down (its cache, hidden state, sampling
+    settings and codec state move with it): its codes are still its solo codes, its audio still the one-shot
+    decode of them."""
+    engine, recording = await started(loaded)
+    try:
+        mover = SynthesisRequest(text="I am the one who moves down.", max_audio_ms=2400, request_id="mover", seed=3)
+        alone = await collect(engine, mover)
+        solo = list(recording.codes["mover"])
+        recording.codes.clear()
+        joined = [asyncio.Event() for _ in range(3)]
+        leavers = [
+            asyncio.create_task(collect(engine, SynthesisRequest(text=f"Leaving soon, {i}.", max_audio_ms=4000, request_id=f"l{i}"),
+                                        stop_after=4, joined=joined[i]))
+            for i in range(2)
+        ]
+        for event in joined[:2]:
+            await asyncio.wait_for(event.wait(), 60)
+        moved = await collect(engine, mover)
+        await asyncio.gather(*leavers)
+    finally:
+        await engine.close()
+    moves = [copy for copy, rid in recording.copies if rid == "mover"]
+    assert moves and moves[-1].dst < moves[0].src
+    assert recording.codes["mover"] == solo
+    assert moved.shape == alone.shape and np.abs(moved - alone).max() < 1e-4
+
+
+async def test_callers_joining_together_are_prefilled_in_one_forward_and_hear_audio_in_that_step(loaded):
+    """Four requests arriving at once: their prompts are prefilled in the same step, and each one's first
+    frame comes in that very step."""
+    engine, recording = await started(loaded, prefill_chunk=256)
+    try:
+        gate = asyncio.Event()
+        await engine._worker.call(lambda: None)  # the worker is idle and waiting
+
+        async def caller(i):
+            await gate.wait()
+            return await collect(engine, SynthesisRequest(text=f"Caller {i} says hi.", max_audio_ms=240, request_id=f"c{i}"))
+
+        tasks = [asyncio.create_task(caller(i)) for i in range(4)]
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(*tasks)
+    finally:
+        await engine.close()
+    first_prefill = next(group for group in recording.prefilled_together if group)
+    assert len(first_prefill) >= 2  # joined in one forward (the first may have been admitted alone)
+    for rid in first_prefill:
+        step = next(i for i, (_, decoded) in enumerate(recording.steps) if rid in decoded)
+        prefill_step = next(i for i, (prefilled, _) in enumerate(recording.steps) if prefilled == first_prefill[0])
+        assert step == prefill_step
+
+
+async def test_start_up_prepares_every_bucket_and_says_how_many_streams_run_in_real_time(tiny_model_dir):
+    """Before ready, the engine has run (timed) the step of every bucket up to max_batch; capacity() then
+    says how many streams the device holds in real time; a request during loading is refused, not queued."""
+    from csmserve.errors import NotReady
+
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_load(path, **kwargs):
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+        from transformers import CsmForConditionalGeneration
+
+        return CsmForConditionalGeneration.from_pretrained(path, **kwargs)
+
+    settings = Settings(model=str(tiny_model_dir), device="cpu", dtype="float32", warmup=True, max_batch=4)
+    engine = CsmEngine(settings, from_pretrained=slow_load)
+    starting = asyncio.create_task(engine.start())
+    await asyncio.sleep(0.05)
+    with pytest.raises(NotReady):
+        async for _ in engine.synthesize(SynthesisRequest(text="Too early.")):
+            pass
+    release.set()
+    await asyncio.wait_for(starting, 120)
+    try:
+        assert engine.info.ready
+        assert sorted(int(size) for size in engine.info.extra["step_ms"]) == [1, 2, 4]
+        capacity = engine.capacity()
+        assert capacity.realtime_streams is not None and 0 <= capacity.realtime_streams <= 4
+    finally:
+        await engine.close()

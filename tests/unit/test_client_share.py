@@ -112,3 +112,18 @@ def test_the_watchdog_reports_work_without_progress_and_clears_on_progress():
     assert reason is not None and "3 waiting" in reason
     engine.snapshot = Capacity(max_batch=1, active=1, waiting=3, steps=8)
     assert watchdog.stalled() is None
+
+
+def test_the_watchdog_is_armed_only_once_the_engine_is_ready():
+    """Start-up (loading, capturing or compiling every step) holds work without steps: not a stall until
+    the engine says it is ready; from then on the same wait is one."""
+    engine, clock, ready = Engine(), [0.0], [False]
+    watchdog = Watchdog(engine.capacity, timeout_s=5, clock=lambda: clock[0], armed=lambda: ready[0])
+    engine.snapshot = Capacity(max_batch=1, active=1, waiting=2, steps=0)
+    for now in (1.0, 30.0, 300.0):
+        clock[0] = now
+        assert watchdog.stalled() is None
+    ready[0] = True
+    assert watchdog.stalled() is None  # the wait starts when it is armed
+    clock[0] = 306.0
+    assert watchdog.stalled() is not None

@@ -95,7 +95,8 @@ def test_a_text_streams_next_sentence_reuses_the_previous_one_and_its_audio(tiny
 
 
 def test_an_iterator_closed_early_never_claims_a_frame_it_did_not_feed_back(tiny, loop):
-    """Closed after its third frame, the loop fed back two frames: a follow-up reuses exactly those."""
+    """Closed after its third frame, the loop fed back the three frames it made (the step reads each
+    frame back as it makes it): a follow-up reuses exactly those, and generates the cold frames."""
     processor, model = tiny
     frames, builder, voice = loop
     text = "Cut short."
@@ -106,7 +107,7 @@ def test_an_iterator_closed_early_never_claims_a_frame_it_did_not_feed_back(tiny
 
     context = [*voice, Turn(0, text, torch.stack(taken).numpy())]
     got = run(frames, builder, context, "After the cut.", greedy=True)
-    assert frames.reused_positions == prompt_positions + 2
+    assert frames.reused_positions == prompt_positions + 3
     assert torch.equal(got, cold(model, processor, context, "After the cut.", greedy=True))
 
 

@@ -88,3 +88,40 @@ async def test_closing_the_stream_frees_its_row_at_the_next_step():
         assert engine.frames_made["cut"] <= 1 + engine._worker.max_buffered + 1
     finally:
         await engine.close()
+
+
+async def test_a_steps_frames_reach_the_event_loop_in_one_hand_over():
+    """Eight streams stepped together: the model thread wakes the event loop once per step (counted on the
+    loop itself), not once per stream, and each stream still gets its own audio."""
+    loop = asyncio.get_running_loop()
+    calls = 0
+    original = loop.call_soon_threadsafe
+
+    def counting(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    engine = await started(frame_delay_s=0.005, max_batch=8)
+    try:
+        requests = [SynthesisRequest(text=TEXT, speaker_id=i, request_id=str(i)) for i in range(8)]
+        gate = asyncio.Event()
+
+        async def one(request):
+            await gate.wait()
+            return await collect(engine, request)
+
+        tasks = [asyncio.create_task(one(r)) for r in requests]
+        await asyncio.sleep(0)
+        loop.call_soon_threadsafe = counting
+        gate.set()
+        audio = await asyncio.gather(*tasks)
+    finally:
+        loop.call_soon_threadsafe = original
+        await engine.close()
+    steps = len(engine.batch_sizes)
+    assert max(engine.batch_sizes) == 8 and sum(engine.batch_sizes) == 8 * engine.num_frames(requests[0])
+    assert calls <= steps + 2  # the steps, and the end of the streams (admissions send nothing)
+    assert calls < sum(engine.batch_sizes) / 4
+    for request, got in zip(requests, audio):
+        assert np.array_equal(got, engine.render(request))

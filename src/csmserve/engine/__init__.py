@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from csmserve.config import Settings
 
 
+#: One frame of CSM's audio (Mimi's frame rate: 12.5 frames per second).
+FRAME_MS = 80
+
+
 @dataclass(frozen=True)
 class ContextTurn:
     """An earlier turn of the conversation, given to CSM as context for prosody and voice.
@@ -88,7 +92,11 @@ class Capacity:
     ``max_batch``: rows (streams) one step can hold; ``active``: rows generating now; ``waiting``:
     requests submitted but not yet generating (queued, or being prefilled); ``steps``: steps run
     since start, monotonic (the watchdog's progress signal: waiting work and no new steps means the
-    engine is stuck); ``last_step_ms`` and ``last_batch``: the duration and row count of the last step.
+    engine is stuck); ``last_step_ms`` and ``last_batch``: the duration and row count of the last step;
+    ``last_step_cpu_ms``: the model thread's CPU time in it, ``last_step_device_ms``: the device's (a
+    GPU's; ``None`` elsewhere): wall time well above both is time lost waiting for the interpreter
+    lock. ``realtime_streams``: how many streams this device holds in real time (the largest step
+    size whose step, measured at start-up, takes less than a frame of audio), ``None`` until measured.
     """
 
     max_batch: int
@@ -97,6 +105,9 @@ class Capacity:
     steps: int = 0
     last_step_ms: float = 0.0
     last_batch: int = 0
+    last_step_cpu_ms: float = 0.0
+    last_step_device_ms: float | None = None
+    realtime_streams: int | None = None
 
     @property
     def free_slots(self) -> int:
@@ -130,10 +141,11 @@ def create_engine(settings: Settings) -> Engine:
     if settings.engine == "fake":
         from csmserve.engine.fake import FakeEngine
 
+        max_batch = settings.max_batch or 64
         return FakeEngine(
             frame_delay_s=settings.fake_frame_delay_ms / 1000,
-            max_queue=settings.max_queue,
-            max_batch=settings.max_batch or 64,
+            max_queue=settings.resolved_max_queue(max_batch),
+            max_batch=max_batch,
             max_lag_s=settings.max_lag_s,
         )
     from csmserve.engine.csm import CsmEngine

@@ -2,31 +2,42 @@
 
 A request is one or more pieces (sentence groups of its text). For each piece :class:`CsmSteps` builds
 the prompt (voice and context turns, then ``"[{speaker_id}]{text}"`` with the processor's special
-tokens, as the model card does); the worker prefills it into the request's slot and then decodes one
-frame per step together with every other active stream (:class:`~csmserve.engine.runner.BatchRunner`),
-each frame decoded at once by the batched streaming Mimi decoder, so the first audio leaves one step
-after the prefill, whatever the length of the text and however many streams are talking.
+tokens, as the model card does); the worker prefills it into the request's slot, together with every
+other prompt joining in that step, and then decodes one frame per step together with every other
+active stream (:class:`~csmserve.engine.runner.BatchRunner`: the frame and its Mimi decode in one step,
+one captured CUDA graph per batch-size bucket on a GPU), so the first audio leaves in the step that
+completes the prefill, whatever the length of the text and however many streams are talking.
+
+Before it says it is ready, the engine prepares (captures or compiles) the step of every bucket up to
+``max_batch`` and times each, so no stream ever waits on a compilation and ``/health`` can say how many
+streams the device holds in real time.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from csmserve.config import DEFAULT_MODEL, Settings
-from csmserve.engine import Capacity, EngineInfo, SynthesisRequest
-from csmserve.engine.scheduler import Piece, Row, is_end_of_audio
+from csmserve.engine import FRAME_MS, Capacity, EngineInfo, SynthesisRequest
+from csmserve.engine.scheduler import Piece, Row, SlotCopy
 from csmserve.engine.worker import Frame, ModelWorker, Stream, synthesize_on
 
 log = logging.getLogger(__name__)
 
-FRAME_MS = 80
+#: A step counts as real time when it takes at most this share of a frame (the rest: prefill, the server).
+REALTIME_SHARE = 0.8
+#: Streams a GPU takes by default, when memory allows.
+GPU_MAX_BATCH = 256
+#: Share of the free device memory the slots' caches and the step's work may take by default.
+GPU_MEMORY_SHARE = 0.8
 
 
 def ensure_offline_model(directory: Path) -> Path:
@@ -74,19 +85,43 @@ class _Utterance:
     embeds: Any = None
 
 
+def realtime_streams(step_ms: dict[int, float]) -> int:
+    """The largest step size whose step takes at most :data:`REALTIME_SHARE` of a frame (0: none does)."""
+    fast = [size for size, ms in step_ms.items() if ms <= REALTIME_SHARE * FRAME_MS]
+    return max(fast, default=0)
+
+
+def slot_bytes(config, dtype_bytes: int) -> int:
+    """Device memory one slot takes: its backbone and depth caches, and its share of a step's work."""
+    backbone = config.num_hidden_layers * 2 * config.num_key_value_heads * (config.max_position_embeddings + 1)
+    backbone *= config.hidden_size // config.num_attention_heads
+    depth = config.depth_decoder_config
+    depth_kv = depth.num_hidden_layers * 2 * depth.num_key_value_heads * (config.num_codebooks + 1)
+    depth_kv *= depth.hidden_size // depth.num_attention_heads
+    # The step's noise and scores: int64 hashes and float32 values for every codebook and id, a few times.
+    work = config.num_codebooks * config.vocab_size * 8 * 4
+    return (backbone + depth_kv) * dtype_bytes + work
+
+
+def fit_max_batch(free_bytes: int, per_slot: int, limit: int = GPU_MAX_BATCH) -> int:
+    """Slots that fit in :data:`GPU_MEMORY_SHARE` of ``free_bytes`` (at least 1, at most ``limit``)."""
+    return max(1, min(limit, int(GPU_MEMORY_SHARE * free_bytes) // per_slot))
+
+
 class CsmSteps:
     """The CSM model as the worker's :class:`~csmserve.engine.worker.StepModel`: pieces, prompts, the
     batched frame step and the batched streaming codec. Worker thread only."""
 
-    def __init__(self, loaded, settings: Settings, max_batch: int, compile: bool):
-        from csmserve.engine.mimi_stream import BatchedMimiDecoder
+    def __init__(self, loaded, settings: Settings, max_batch: int, compile: bool, graphs: bool = False):
         from csmserve.engine.runner import BatchRunner
 
         self.loaded = loaded
         self.settings = settings
-        self.runner = BatchRunner(loaded.model, slots=max_batch, compile=compile)
-        self.decoder = BatchedMimiDecoder(loaded.model.codec_model, max_batch)
-        self.frame_size = self.decoder.frame_size
+        self.runner = BatchRunner(loaded.model, slots=max_batch, compile=compile, graphs=graphs)
+        self.decoder = self.runner.decoder
+        self.frame_size = self.runner.frame_size
+        #: The last decode step's device time (a GPU's), for the worker's timings.
+        self.last_device_ms: float | None = None
 
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
         """Mimi codes ``(frames, 32)`` int16 for mono float32 audio at 24 kHz."""
@@ -125,7 +160,6 @@ class CsmSteps:
 
     # -- StepModel ----------------------------------------------------------------------------------
     def next_piece(self, stream: Stream) -> Piece | None:
-        import torch
 
         from csmserve.engine.prompt import Turn
         from csmserve.engine.runner import RowSampling
@@ -135,7 +169,7 @@ class CsmSteps:
             stream.state = self._start(request)
         u: _Utterance = stream.state
         if u.generated:  # the piece that just ended: the next one hears it (same voice, continuous prosody)
-            last = Turn(request.speaker_id, u.pieces[u.index], torch.stack(u.generated).numpy())
+            last = Turn(request.speaker_id, u.pieces[u.index], np.stack(u.generated))
             u.context.append(last)
             u.remaining -= len(u.generated)
             if request.continuation is not None:
@@ -160,7 +194,7 @@ class CsmSteps:
 
             raise InvalidRequest(f"the prompt takes {length} positions and leaves no room in the model's {window}")
         seed = None if request.seed is None else request.seed + u.index
-        u.sampling = RowSampling.create(self.runner, temperature=request.temperature, top_k=request.top_k, seed=seed)
+        u.sampling = RowSampling.create(self.runner.defaults, temperature=request.temperature, top_k=request.top_k, seed=seed)
         key = builder.key(kept, request.speaker_id, piece) if self.settings.prefix_cache else None
         return Piece(length=length, max_frames=min(budget, window - length), key=key)
 
@@ -171,26 +205,31 @@ class CsmSteps:
         else:
             self.decoder.reset([slot])
 
-    def prefill(self, row: Row, start: int, length: int) -> None:
-        self.runner.prefill(row.slot, row.stream.state.embeds[:, start : start + length], start)
+    def start_piece(self, row: Row) -> None:
+        self.runner.sampling.write(row.slot, row.stream.state.sampling)
+
+    def copy(self, copies: list[SlotCopy]) -> None:
+        for copy in copies:
+            if copy.row is not None:
+                self.runner.move(copy.src, copy.dst, copy.positions)
+            else:
+                self.runner.copy_prefix(copy.src, copy.dst, copy.positions)
+
+    def prefill(self, chunks: list[tuple[Row, int, int]]) -> None:
+        self.runner.prefill([(row.slot, start, row.stream.state.embeds[0, start : start + length]) for row, start, length in chunks])
 
     def decode(self, rows: list[Row]) -> list[Frame | None]:
-        slots = [row.slot for row in rows]
-        codes = self.runner.frame(slots, [row.stream.state.sampling for row in rows])
-        eos = self.runner.eos_id
-        going = [i for i in range(len(rows)) if not is_end_of_audio(codes[i].tolist(), eos)]
-        out: list[Frame | None] = [None] * len(rows)
-        if not going:
-            return out
-        kept = codes[going]
-        kept_slots = [slots[i] for i in going]
-        audio = self.decoder.decode(kept[:, :, None], kept_slots).numpy()
-        positions = [rows[i].piece.length + rows[i].frames for i in going]
-        self.runner.advance(kept_slots, positions, kept)
-        for j, i in enumerate(going):
-            rows[i].stream.state.generated.append(kept[j])
-            out[i] = Frame(kept[j].tolist(), audio[j])
-        return out
+        out = self.runner.decode([(row.slot, row.piece.length + row.frames, row.frames) for row in rows])
+        self.last_device_ms = out.device_ms
+        frames: list[Frame | None] = []
+        for row in rows:
+            if out.eos[row.slot]:
+                frames.append(None)
+                continue
+            codes = out.codes[row.slot]
+            row.stream.state.generated.append(codes)
+            frames.append(Frame(codes.tolist(), out.audio[row.slot].copy()))
+        return frames
 
     def leave(self, stream: Stream, slot: int) -> None:
         carry = stream.request.continuation
@@ -213,8 +252,8 @@ class CsmEngine:
         self._worker = ModelWorker(
             setup=self._thread_setup,
             max_batch=1,  # until the model is loaded and the device known
-            max_queued=settings.max_queue,
-            prefill_chunk=settings.prefill_chunk,
+            max_queued=settings.resolved_max_queue(1),
+            prefill_chunk=settings.resolved_prefill_chunk("cpu"),
             prefix_reuse=settings.prefix_cache,
             max_lag_s=settings.max_lag_s,
         )
@@ -227,6 +266,8 @@ class CsmEngine:
 
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
+        if self.settings.compile_cache_dir is not None:  # read by inductor when it first compiles
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.settings.compile_cache_dir)
 
     async def start(self) -> None:
         self._worker.start()
@@ -288,22 +329,49 @@ class CsmEngine:
         from csmserve.engine.tiny import is_offline_model
 
         self._loaded = loaded
+        settings = self.settings
         self.info.device, self.info.dtype = loaded.device, loaded.dtype
         self.info.offline_model = is_offline_model(loaded.model.config)
         self.sample_rate = int(loaded.model.config.codec_config.sampling_rate)
-        use_compile = self.settings.compile == "on" or (self.settings.compile == "auto" and loaded.device == "cuda")
-        max_batch = self.settings.resolved_max_batch(loaded.device)
-        self._steps = CsmSteps(loaded, self.settings, max_batch, use_compile)
-        self._worker.attach(self._steps, max_batch)
-        self.info.extra["compiled"] = use_compile
-        self.info.extra["max_batch"] = max_batch
+        cuda = loaded.device.startswith("cuda")
+        use_compile = settings.compile == "on"
+        graphs = cuda and settings.cuda_graphs
+        max_batch = self._max_batch(loaded)
+        self._steps = CsmSteps(loaded, settings, max_batch, use_compile, graphs)
+        self._worker.attach(self._steps, max_batch, settings.resolved_prefill_chunk(loaded.device))
+        self._worker.resize_queue(settings.resolved_max_queue(max_batch))
+        self.info.extra.update(compiled=use_compile, cuda_graphs=graphs, max_batch=max_batch)
         self.frame_size = self._steps.frame_size
         log.info(
             "model loaded in %.1f s (%s, %s, %s), %d streams per step",
             time.monotonic() - started, self.info.model, loaded.device, loaded.dtype, max_batch,
         )
+        if settings.warmup or graphs or use_compile:
+            self._prepare()
         if self.info.offline_model:
             log.warning(OFFLINE_WARNING)
+
+    def _max_batch(self, loaded) -> int:
+        """``max_batch``, or its default: on a GPU as many slots as fit in the free memory (up to 256)."""
+        if self.settings.max_batch is not None or not loaded.device.startswith("cuda"):
+            return self.settings.resolved_max_batch(loaded.device)
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(loaded.model.device)
+        per_slot = slot_bytes(loaded.model.config, loaded.model.lm_head.weight.element_size())
+        return fit_max_batch(free, per_slot)
+
+    def _prepare(self) -> None:
+        """Capture (or compile, or just time) the step of every bucket before any stream runs."""
+        started = time.monotonic()
+        reports = self._steps.runner.prepare()
+        step_ms = {report.size: report.step_ms for report in reports}
+        self._worker.realtime_streams = realtime_streams(step_ms)
+        self.info.extra["step_ms"] = {str(size): round(ms, 2) for size, ms in step_ms.items()}
+        log.info(
+            "%d step sizes prepared in %.1f s; %d streams in real time on this device",
+            len(reports), time.monotonic() - started, self._worker.realtime_streams,
+        )
 
     @property
     def prefill_positions(self) -> dict[str, int]:

@@ -13,9 +13,8 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from csmserve.engine import Capacity, EngineInfo, SynthesisRequest
-from csmserve.engine.csm import FRAME_MS
-from csmserve.engine.scheduler import Piece, Row
+from csmserve.engine import FRAME_MS, Capacity, EngineInfo, SynthesisRequest
+from csmserve.engine.scheduler import Piece, Row, SlotCopy
 from csmserve.engine.worker import Frame, ModelWorker, Stream, synthesize_on
 
 
@@ -92,7 +91,13 @@ class FakeEngine:
     def enter(self, stream: Stream, slot: int) -> None:
         pass
 
-    def prefill(self, row: Row, start: int, length: int) -> None:
+    def start_piece(self, row: Row) -> None:
+        pass
+
+    def copy(self, copies: list[SlotCopy]) -> None:
+        pass
+
+    def prefill(self, chunks: list[tuple[Row, int, int]]) -> None:
         pass
 
     def decode(self, rows: list[Row]) -> list[Frame | None]:

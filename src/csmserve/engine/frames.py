@@ -18,7 +18,7 @@ from collections.abc import Hashable, Iterator, Sequence
 import torch
 
 from csmserve.engine.runner import GREEDY, BatchRunner, RowSampling, Sampling
-from csmserve.engine.scheduler import Piece, Row, Scheduler, frame_key, is_end_of_audio, text_key
+from csmserve.engine.scheduler import Piece, Row, Scheduler, frame_key, text_key
 
 __all__ = ["GREEDY", "FrameGenerator", "Sampling", "frame_key", "text_key"]
 
@@ -31,8 +31,8 @@ class FrameGenerator:
     (the same bookkeeping the batching worker uses). Not thread-safe: one owner.
     """
 
-    def __init__(self, model, compile: bool = False):
-        self.runner = BatchRunner(model, slots=1, compile=compile)
+    def __init__(self, model, compile: bool = False, backend: str = "inductor"):
+        self.runner = BatchRunner(model, slots=1, compile=compile, backend=backend)
         runner = self.runner
         self.model, self.device, self.dtype = model, runner.device, runner.dtype
         self.num_codebooks, self.eos_id = runner.num_codebooks, runner.eos_id
@@ -74,22 +74,23 @@ class FrameGenerator:
         if prompt_key is not None and len(prompt_key) != length:
             raise ValueError(f"prompt_key has {len(prompt_key)} identities for {length} positions")
         max_frames = min(max_frames, self.max_positions - length)
-        sampling = RowSampling.create(self.runner, temperature=temperature, top_k=top_k, seed=seed, greedy=greedy)
+        sampling = RowSampling.create(
+            self.runner.defaults, temperature=temperature, top_k=top_k, seed=seed, greedy=greedy
+        )
         row = Row(stream=None)
         # Positions the cache already holds are not computed again (the last one always is).
         reuse = self.reused_positions = self._slot.place(row, Piece(length, max_frames, prompt_key))
+        self.runner.start(0, sampling)
         try:
-            self.runner.prefill(0, prompt_embeds[:, reuse:], reuse)
+            self.runner.prefill([(0, reuse, prompt_embeds[0, reuse:])])
             self._slot.prefilled(row, reuse, length - reuse)
-            for _ in range(max_frames):
-                codes = self.runner.frame([0], [sampling])[0]
-                if is_end_of_audio(codes.tolist(), self.eos_id):
+            for frame in range(max_frames):
+                # The step reads the new frame back at its position: the cache then holds it.
+                out = self.runner.decode([(0, length + frame, frame)])
+                if out.eos[0]:
                     return
+                codes = torch.from_numpy(out.codes[0].copy())
+                self._slot.decoded(row, codes.tolist())
                 yield codes
-                position = length + row.frames
-                if position >= self.max_positions:
-                    return
-                self.runner.advance([0], [position], codes[None])
-                self._slot.decoded(row, codes.tolist())  # its position now holds this frame
         finally:
             self._slot.release(row)

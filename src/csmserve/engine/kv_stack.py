@@ -17,9 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Rows of a call: a slice (a view of the cache, no copy) or a ``(B,)`` long tensor of slot indices.
-Rows = slice | torch.Tensor
-
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -29,11 +26,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class KVCachedStack:
     """Decoder layers + final norm with a static KV cache of ``slots`` rows of ``max_len`` positions.
 
-    Three ways in, one layer body: :meth:`forward` (several positions, one start shared by the rows:
-    prefill chunks and the depth decoder), :meth:`decode` (one position per row, each row at its own
-    position: the batched backbone step) and :meth:`step` (:meth:`decode` with static shapes only, for
-    ``torch.compile`` and CUDA graphs). Positions after a row's newest hold stale values and are never
-    read. Not thread-safe; one owner.
+    Three ways in, one layer body: :meth:`forward` (several positions, one start shared by the first
+    rows: the depth decoder's frame), :meth:`prefill_rows` (prompt chunks of any slots, each at its own
+    start, padded: the batched prefill) and :meth:`step` (one position per row for the first ``B`` slots,
+    static shapes only: the backbone's frame step, captured in a CUDA graph). Positions after a row's
+    newest hold stale values and are never read. Not thread-safe; one owner.
     """
 
     def __init__(self, layers: nn.ModuleList, norm: nn.Module, rotary_emb: nn.Module, max_len: int, slots: int = 1):
@@ -84,12 +81,12 @@ class KVCachedStack:
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.norm(hidden)
 
-    def forward(self, hidden: torch.Tensor, start: int, rows: Rows | None = None) -> torch.Tensor:
-        """``hidden`` ``(B, L, hidden_size)`` at positions ``start .. start+L-1`` of each of ``rows``
-        (default: the first ``B`` slots); writes their keys/values, returns the normed hidden states
-        ``(B, L, hidden_size)``. A row sees exactly its positions ``0 .. start+L-1``."""
+    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """``hidden`` ``(B, L, hidden_size)`` at positions ``start .. start+L-1`` of each of the first ``B``
+        slots; writes their keys/values, returns the normed hidden states ``(B, L, hidden_size)``. A row
+        sees exactly its positions ``0 .. start+L-1``. Static for given ``B``, ``start`` and ``L``."""
         batch, length = hidden.shape[:2]
-        rows = slice(0, batch) if rows is None else rows
+        rows = slice(0, batch)
         end = start + length
         if end > self.max_len:
             raise ValueError(f"sequence of {end} positions exceeds the cache of {self.max_len}")
@@ -111,32 +108,47 @@ class KVCachedStack:
 
         return self._layers(hidden, cos, sin, write, read, mask, causal)
 
-    def decode(self, hidden: torch.Tensor, rows: Rows, positions: torch.Tensor, span: int) -> torch.Tensor:
-        """One token per row: ``hidden`` ``(B, 1, hidden_size)``, row ``b`` (slot ``rows[b]``) at position
-        ``positions[b]`` (``(B,)`` long); ``span`` > every position (attention reads ``0 .. span-1``).
-        Returns ``(B, 1, hidden_size)``."""
-        cos = self.cos[positions][:, None, None]
-        sin = self.sin[positions][:, None, None]
-        mask = (self.positions[:span][None, :] <= positions[:, None])[:, None, None]
-        if isinstance(rows, slice):
-            index = torch.arange(rows.start or 0, rows.stop, device=hidden.device)
-        else:
-            index = rows
+    def prefill_rows(
+        self, hidden: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, end: int
+    ) -> torch.Tensor:
+        """Prompt chunks of several rows in one call, each at its own start: ``hidden`` ``(N, L, hidden_size)``
+        padded on the right, row ``n`` holding ``lengths[n]`` positions from ``starts[n]`` of slot
+        ``slots[n]`` (all ``(N,)`` long, distinct slots); ``end``: the largest ``starts + lengths``, given
+        by the host so nothing syncs. Writes the rows' keys/values (pads write to the scratch position)
+        and returns the normed hidden states ``(N, L, hidden_size)`` (a pad's are meaningless). A row
+        sees exactly its slot's positions ``0 .. its own position``."""
+        length = hidden.shape[1]
+        offsets = torch.arange(length, device=hidden.device)
+        positions = starts[:, None] + offsets  # (N, L)
+        real = offsets[None, :] < lengths[:, None]
+        where = torch.where(real, positions, self.scratch)
+        if end > self.max_len:
+            raise ValueError(f"sequence of {end} positions exceeds the cache of {self.max_len}")
+        cos = self.cos[where][:, None]  # (N, 1, L, head_dim)
+        sin = self.sin[where][:, None]
+        mask = (self.positions[:end][None, None, :] <= positions[:, :, None])[:, None]  # (N, 1, L, end)
+        index = slots[:, None].expand_as(where)
 
-        def write(i, k, v):
-            self.keys[i][index, :, positions] = k[:, :, 0]
-            self.values[i][index, :, positions] = v[:, :, 0]
+        def write(i, k, v):  # (N, kv, L, d) -> the cache at (slot, position): index_put takes (N, L, kv, d)
+            self.keys[i][index, :, where] = k.transpose(1, 2)
+            self.values[i][index, :, where] = v.transpose(1, 2)
 
         def read(i):
-            return self.keys[i][rows, :, :span], self.values[i][rows, :, :span]
+            return self.keys[i][slots, :, :end], self.values[i][slots, :, :end]
 
         return self._layers(hidden, cos, sin, write, read, mask, False)
 
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Copy positions ``0 .. length-1`` of slot ``src`` into slot ``dst`` (every layer)."""
+        for cache in (*self.keys, *self.values):
+            cache[dst, :, :length] = cache[src, :, :length]
+
     def step(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """:meth:`decode` for the first ``B`` slots with static shapes only: cache writes are a scatter and
-        attention spans the whole cache under a mask, so the graph never changes shape and
-        ``torch.compile`` (and CUDA graphs) capture it once per batch size. Padding rows pass
-        ``positions[b] = scratch``."""
+        """One token for each of the first ``B`` slots, each at its own position: ``hidden`` ``(B, 1,
+        hidden_size)``, ``positions`` ``(B,)`` long; returns ``(B, 1, hidden_size)``. Static shapes only:
+        cache writes are a scatter and attention spans the whole cache under a mask, so the graph never
+        changes shape and a CUDA graph captures it once per batch size. Rows that must not write a real
+        position (not decoding this step) pass ``positions[b] = scratch``."""
         batch = hidden.shape[0]
         cos = self.cos.index_select(0, positions)[:, None, None]
         sin = self.sin.index_select(0, positions)[:, None, None]

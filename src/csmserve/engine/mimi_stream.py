@@ -39,7 +39,19 @@ from transformers.models.mimi.modeling_mimi import (
 )
 
 
-Rows = torch.Tensor  # (B,) long: the state rows (slots) a call reads and writes, one per batch row
+#: The state rows (slots) a call reads and writes, one per batch row: a ``(B,)`` long tensor of slots, or
+#: ``slice(0, B)`` (the first ``B`` slots: the captured step, whose writes a ``go`` mask gates).
+Rows = torch.Tensor | slice
+
+
+def _store(state: torch.Tensor, rows: Rows, value: torch.Tensor, go: torch.Tensor | None) -> None:
+    """``state[rows] = value``, or with ``go`` (``(B,)`` bool) only for the rows where it is true: the others
+    keep their state, so rows that are not decoding this step sit in the batch without changing."""
+    if go is None:
+        state[rows] = value
+    else:
+        gate = go.view(-1, *([1] * (value.dim() - 1)))
+        state[rows] = torch.where(gate, value, state[rows])
 
 
 class _CausalConv:
@@ -61,12 +73,12 @@ class _CausalConv:
         context = conv.dilation[0] * (conv.kernel_size[0] - 1)
         self.state = conv.weight.new_zeros(slots, conv.in_channels, context)
 
-    def __call__(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rows: Rows, go: torch.Tensor | None = None) -> torch.Tensor:
         width = self.state.shape[-1]
         if width == 0:
             return self.conv(x)
         padded = torch.cat([self.state[rows], x], dim=-1)
-        self.state[rows] = padded[..., -width:]
+        _store(self.state, rows, padded[..., -width:], go)
         return self.conv(padded)
 
 
@@ -101,12 +113,12 @@ class _TransposedConv:
             y[:, :, block : block + n] += taps[block]
         return y.view(batch, conv.out_channels, -1)[..., : (n - 1) * stride + kernel]
 
-    def __call__(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rows: Rows, go: torch.Tensor | None = None) -> torch.Tensor:
         # Bias is added only to emitted samples, so a position that gathers from two calls gets it once.
         y = self._full(x)
         final = x.shape[-1] * self.stride
         y[..., : self.state.shape[-1]] += self.state[rows]
-        self.state[rows] = y[..., final:]
+        _store(self.state, rows, y[..., final:], go)
         y = y[..., :final]
         return y if self.conv.bias is None else y + self.conv.bias[:, None]
 
@@ -117,7 +129,7 @@ class _Pointwise:
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
 
-    def __call__(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rows: Rows, go: torch.Tensor | None = None) -> torch.Tensor:
         return self.layer(x)
 
 
@@ -128,11 +140,11 @@ class _ResidualBlock:
         self.block = [_stage(layer, slots) for layer in block.block]
         self.shortcut = _stage(block.shortcut, slots)
 
-    def __call__(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rows: Rows, go: torch.Tensor | None = None) -> torch.Tensor:
         y = x
         for stage in self.block:
-            y = stage(y, rows)
-        return self.shortcut(x, rows) + y
+            y = stage(y, rows, go)
+        return self.shortcut(x, rows, go) + y
 
     def states(self) -> list[torch.Tensor]:
         return [t for stage in (*self.block, self.shortcut) for t in _states(stage)]
@@ -187,9 +199,9 @@ class _CachedTransformer:
         #: (slots,) absolute position of each row's next input (= positions it has seen).
         self.position = torch.zeros(slots, dtype=torch.long, device=weight.device)
 
-    def __call__(self, hidden: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, rows: Rows, go: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden``: ``(B, T, hidden_size)``, the next ``T`` positions of each row; returns the same shape."""
-        n = hidden.shape[1]
+        batch, n = hidden.shape[:2]
         first = self.position[rows]  # (B,)
         positions = first[:, None] + torch.arange(n, device=hidden.device)  # (B, T)
         cos, sin = self.rotary(hidden, positions)
@@ -202,24 +214,24 @@ class _CachedTransformer:
             attention = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
-            q = attention.q_proj(x).view(len(rows), n, -1, self.head_dim).transpose(1, 2)
-            k = attention.k_proj(x).view(len(rows), n, -1, self.head_dim).transpose(1, 2)
-            v = attention.v_proj(x).view(len(rows), n, -1, self.head_dim).transpose(1, 2)
+            q = attention.q_proj(x).view(batch, n, -1, self.head_dim).transpose(1, 2)
+            k = attention.k_proj(x).view(batch, n, -1, self.head_dim).transpose(1, 2)
+            v = attention.v_proj(x).view(batch, n, -1, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             k_all = torch.cat([keys[rows], k], dim=2)
             v_all = torch.cat([values[rows], v], dim=2)
-            keys[rows] = k_all[:, :, -self.keep :]
-            values[rows] = v_all[:, :, -self.keep :]
+            _store(keys, rows, k_all[:, :, -self.keep :], go)
+            _store(values, rows, v_all[:, :, -self.keep :], go)
             out = F.scaled_dot_product_attention(
                 q, repeat_kv(k_all, self.groups), repeat_kv(v_all, self.groups), attn_mask=mask, scale=self.scaling
             )
-            out = attention.o_proj(out.transpose(1, 2).reshape(len(rows), n, -1))
+            out = attention.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
             hidden = residual + layer.self_attn_layer_scale(out)
             residual = hidden
             x = layer.mlp(layer.post_attention_layernorm(hidden))
             hidden = residual + layer.mlp_layer_scale(x)
 
-        self.position[rows] += n
+        _store(self.position, rows, first + n, go)
         return hidden
 
     def states(self) -> list[torch.Tensor]:
@@ -267,6 +279,16 @@ class BatchedMimiDecoder:
         self.sample_rate: int = config.sampling_rate
         stages = [self._transformer, *self._seanet] + ([self._upsample] if self._upsample else [])
         self._states = [t for stage in stages for t in _states(stage)]
+        # The codebooks' embedding tables are computed lazily by transformers (and cached by some
+        # releases): compute them now, so a captured step never allocates the cache in its own pool.
+        for quantizer in codec_model.quantizer.modules():
+            if hasattr(quantizer, "embed_sum"):
+                with torch.inference_mode():
+                    quantizer.embed  # noqa: B018 - computed for its cache
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every per-row state tensor (first dimension: the row), allocated once."""
+        return list(self._states)
 
     def _rows(self, rows) -> torch.Tensor:
         return torch.as_tensor(rows, dtype=torch.long, device=self._device).reshape(-1)
@@ -288,6 +310,19 @@ class BatchedMimiDecoder:
         for state, value in zip(self._states, saved):
             state[row] = value
 
+    @torch.inference_mode()
+    def copy(self, src: int, dst: int) -> None:
+        """Row ``dst`` continues the utterance of row ``src`` (a stream moved to another slot)."""
+        for state in self._states:
+            state[dst] = state[src]
+
+    def step(self, codes: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+        """One frame for each of the first ``B`` rows, in place, for a captured step: ``codes`` ``(B,
+        num_codebooks)`` long on the codec's device, ``go`` ``(B,)`` bool (a row whose ``go`` is false keeps
+        its state and its output is meaningless). Returns ``(B, frame_size)`` in the codec's dtype, on its
+        device. Static shapes, no host sync. Call under ``torch.inference_mode()``."""
+        return self._decode(codes[:, :, None], slice(0, codes.shape[0]), go)
+
     def decode(self, codes: torch.Tensor, rows) -> torch.Tensor:
         """Decode the next frames of the streams on ``rows``.
 
@@ -306,16 +341,16 @@ class BatchedMimiDecoder:
         # Copied outside inference mode so the caller gets a normal tensor.
         return audio.to(device="cpu", dtype=torch.float32, copy=True)
 
-    def _decode(self, codes: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def _decode(self, codes: torch.Tensor, rows: Rows, go: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K, n) codes -> (B, n * frame_size) samples in the codec's dtype and device."""
         if codes.shape[-1] == 0:
             return torch.zeros(codes.shape[0], 0, device=self._device)
         x = self._quantizer.decode(codes)  # (B, hidden, n) latents at the frame rate
         if self._upsample is not None:
-            x = self._upsample(x, rows)  # (B, hidden, n * latent_stride)
-        x = self._transformer(x.transpose(1, 2), rows).transpose(1, 2)
+            x = self._upsample(x, rows, go)  # (B, hidden, n * latent_stride)
+        x = self._transformer(x.transpose(1, 2), rows, go).transpose(1, 2)
         for stage in self._seanet:
-            x = stage(x, rows)
+            x = stage(x, rows, go)
         return x[:, 0]
 
 

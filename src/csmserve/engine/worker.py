@@ -9,6 +9,11 @@ its prompt's prefill). A frame goes to the stream's bounded channel only when th
 reader never slows the batch, and after ``max_lag_s`` without credit it is dropped
 (:class:`ClientTooSlow`). Cancelling (closing the iterator) frees the row at the next step.
 
+A step's frames reach the event loop in one hand-over (one ``call_soon_threadsafe`` per loop per step,
+fanned out to the streams' channels there): per-row wake-ups of the loop would cost the model thread
+the interpreter lock once per row. Each step's wall time, the thread's CPU time and the device's time
+are kept for ``/metrics``: wall minus CPU is time spent waiting (for the device, or for the lock).
+
 An exception in a step ends the streams in that step with an error (classified: out of memory frees
 memory, a CUDA error marks the engine failed) and the worker goes on with the others and new ones.
 
@@ -30,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from csmserve.engine import Capacity, SynthesisRequest
-from csmserve.engine.scheduler import Piece, Row, Scheduler, StepPlan
+from csmserve.engine.scheduler import Piece, Row, Scheduler, SlotCopy, StepPlan
 from csmserve.errors import (
     ClientTooSlow,
     CsmServeError,
@@ -71,11 +76,18 @@ class StepModel(Protocol):
     def enter(self, stream: Stream, slot: int) -> None:
         """``stream`` starts on ``slot`` (set up per-slot state: the codec's)."""
 
-    def prefill(self, row: Row, start: int, length: int) -> None:
-        """Compute prompt positions ``start .. start+length-1`` of ``row``'s piece."""
+    def start_piece(self, row: Row) -> None:
+        """``row``'s current piece starts on its slot (per-piece state: its sampling settings)."""
+
+    def copy(self, copies: list[SlotCopy]) -> None:
+        """Copy slots' cached positions (and, for a moving row, its per-slot state), in order."""
+
+    def prefill(self, chunks: list[tuple[Row, int, int]]) -> None:
+        """Compute prompt positions ``start .. start+length-1`` of each ``(row, start, length)``'s piece."""
 
     def decode(self, rows: list[Row]) -> list[Frame | None]:
-        """One frame for each row (``None``: the row's piece ended, end of audio)."""
+        """One frame for each row (``None``: the row's piece ended, end of audio). Sets
+        ``last_device_ms`` where the device's time is known."""
 
     def leave(self, stream: Stream, slot: int) -> None:
         """``stream`` leaves ``slot`` (keep what its continuation needs)."""
@@ -126,13 +138,25 @@ class ModelWorker:
         self.fatal: str | None = None
         self.steps = 0
         self.last_step_ms = 0.0
+        self.last_step_cpu_ms = 0.0
+        self.last_step_device_ms: float | None = None
         self.last_batch = 0
+        #: Streams the device holds in real time (set by the engine after it measured its steps).
+        self.realtime_streams: int | None = None
+        #: Items for the event loops, handed over once per step (:meth:`_flush`).
+        self._outbox: list[tuple[Stream, Any]] = []
+        #: Hand-overs to an event loop so far (one per loop per step that had something to deliver).
+        self.handovers = 0
 
-    def attach(self, model: StepModel, max_batch: int) -> None:
-        """Serve ``model`` with ``max_batch`` rows (once the model is loaded and its device known); on
-        the worker thread, before any stream is admitted."""
+    def attach(self, model: StepModel, max_batch: int, prefill_chunk: int | None = None) -> None:
+        """Serve ``model`` with ``max_batch`` rows and ``prefill_chunk`` prompt positions per step (once the
+        model is loaded and its device known); on the worker thread, before any stream is admitted."""
         self.model = model
-        self.scheduler = Scheduler(max_batch, self.scheduler.chunk, self.scheduler.reuse)
+        self.scheduler = Scheduler(max_batch, prefill_chunk or self.scheduler.chunk, self.scheduler.reuse)
+
+    def resize_queue(self, max_queued: int) -> None:
+        """Let ``max_queued`` requests wait (the default follows the batch, known once the model is loaded)."""
+        self._streams.maxsize = max_queued
 
     def start(self) -> None:
         if not self._started:
@@ -156,6 +180,9 @@ class ModelWorker:
             steps=self.steps,
             last_step_ms=self.last_step_ms,
             last_batch=self.last_batch,
+            last_step_cpu_ms=self.last_step_cpu_ms,
+            last_step_device_ms=self.last_step_device_ms,
+            realtime_streams=self.realtime_streams,
         )
 
     # -- the loop's side ----------------------------------------------------------------------------
@@ -212,18 +239,23 @@ class ModelWorker:
         while not self._stopping:
             self._run_calls()
             if self._stopping:
+                self._flush()
                 return
             self._drop_cancelled_and_stalled()
             self._admit()
             plan = self.scheduler.plan(self._take_credit)
             if plan.empty:
+                self._flush()
                 self._wake.wait(_TICK_S)
                 self._wake.clear()
                 self.steps += 1  # alive and idle: progress for the watchdog
                 continue
-            started = time.monotonic()
+            started, cpu = time.perf_counter(), time.thread_time()
             self._step(plan)
-            self.last_step_ms = 1000 * (time.monotonic() - started)
+            self._flush()
+            self.last_step_ms = 1000 * (time.perf_counter() - started)
+            self.last_step_cpu_ms = 1000 * (time.thread_time() - cpu)
+            self.last_step_device_ms = getattr(self.model, "last_device_ms", None)
             self.last_batch = len(plan.decode)
             self.steps += 1
 
@@ -255,6 +287,7 @@ class ModelWorker:
                     continue
                 self.scheduler.place(row, piece)
                 self.model.enter(stream, row.slot)
+                self.model.start_piece(row)
             except BaseException as exc:  # noqa: BLE001 - this request fails, the worker goes on
                 self._end(row, self._classify(exc))
 
@@ -277,13 +310,14 @@ class ModelWorker:
                 self._end(row, ClientTooSlow(f"the client read no audio for {self.max_lag_s:g} s; its stream was dropped"))
 
     def _step(self, plan: StepPlan) -> None:
-        rows = plan.decode + [row for row, _, _ in plan.prefill]
+        rows = list(dict.fromkeys([*plan.decode, *(row for row, _, _ in plan.prefill)]))
         try:
-            for row, start, length in plan.prefill:
-                self.model.prefill(row, start, length)
-                self.scheduler.prefilled(row, start, length)
-                if not row.prefilling and self._take_credit(row):
-                    plan.decode.append(row)  # its first frame in this same step: audio one step sooner
+            if plan.copies:
+                self.model.copy(plan.copies)
+            if plan.prefill:
+                self.model.prefill(plan.prefill)
+                for row, start, length in plan.prefill:
+                    self.scheduler.prefilled(row, start, length)
             frames = self.model.decode(plan.decode) if plan.decode else []
         except BaseException as exc:  # noqa: BLE001 - the step's streams fail, the worker goes on
             error = self._classify(exc)
@@ -310,8 +344,12 @@ class ModelWorker:
             return
         if piece is None:
             self._end(row, None)
-        else:
+            return
+        try:
             self.scheduler.begin(row, piece)
+            self.model.start_piece(row)
+        except BaseException as exc:  # noqa: BLE001
+            self._end(row, self._classify(exc))
 
     def _end(self, row: Row, error: CsmServeError | None, *, keep_cache: bool = True) -> None:
         """The stream is done (``error``: how it failed): free its row and tell its consumer."""
@@ -333,12 +371,25 @@ class ModelWorker:
             except queue.Empty:
                 return
 
-    @staticmethod
-    def _send(stream: Stream, item: Any) -> None:
-        try:
-            stream.loop.call_soon_threadsafe(stream.channel.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening
-            stream.cancelled.set()
+    def _send(self, stream: Stream, item: Any) -> None:
+        """Queue ``item`` for ``stream``'s channel; :meth:`_flush` hands the step's items over at once."""
+        self._outbox.append((stream, item))
+
+    def _flush(self) -> None:
+        """Hand every queued item to its event loop: one ``call_soon_threadsafe`` per loop."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, Any]]] = {}
+        for stream, item in self._outbox:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+                self.handovers += 1
+            except RuntimeError:  # the loop is closed: nobody is listening
+                for stream, _ in items:
+                    stream.cancelled.set()
 
     def _classify(self, exc: BaseException) -> CsmServeError:
         """Map a step's exception to the error its clients get; free memory after an OOM."""
@@ -355,6 +406,15 @@ class ModelWorker:
             self.fatal = f"the GPU failed: {exc}"
             return ModelFailed(f"the GPU failed ({exc}); the server needs a restart")
         return GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}")
+
+
+def _deliver(items: list[tuple[Stream, Any]]) -> None:
+    """On the event loop: each item into its stream's channel (credit guarantees room)."""
+    for stream, item in items:
+        try:
+            stream.channel.put_nowait(item)
+        except asyncio.QueueFull:  # never: credit bounds the frames; the others must still get theirs
+            log.error("a stream's channel overflowed; an item was dropped")
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

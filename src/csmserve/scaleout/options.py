@@ -51,17 +51,19 @@ class ReplicaOptions(BaseModel):
         """Streams one replica serves at full speed: what the autoscaler aims at per replica."""
         if self.streams_per_replica is not None:
             return self.streams_per_replica
-        return min(settings.max_streams, settings.resolved_max_batch("cuda" if gpus else "cpu"))
+        batch = settings.resolved_max_batch("cuda" if gpus else "cpu")
+        return min(settings.resolved_max_streams(batch), batch)
 
     def deployment_options(self, settings: Settings, cluster_gpus: float) -> dict[str, Any]:
         """Keyword arguments for Ray's ``Deployment.options``."""
         gpus = self.gpus(cluster_gpus)
         capacity = self.capacity(settings, gpus)
+        streams = settings.resolved_max_streams(settings.resolved_max_batch("cuda" if gpus else "cpu"))
         graceful = settings.drain_timeout_s if self.graceful_shutdown_timeout_s is None else self.graceful_shutdown_timeout_s
         options: dict[str, Any] = {
             "ray_actor_options": {"num_gpus": gpus, "num_cpus": self.num_cpus},
             # Open connections (an idle WebSocket is one) beyond the streams a replica admits at once.
-            "max_ongoing_requests": 2 * max(capacity, settings.max_streams),
+            "max_ongoing_requests": 2 * max(capacity, streams),
             # Ray kills a stopping replica after this; the replica's own drain must end first.
             "graceful_shutdown_timeout_s": graceful + 5,
             "graceful_shutdown_wait_loop_s": 0.5,

@@ -6,6 +6,8 @@ changed between awaits).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from csmserve.errors import Overloaded
 from csmserve.metrics import Metrics
 
@@ -15,11 +17,13 @@ SHUTTING_DOWN = "the server is shutting down; reconnect to another instance"
 
 class Admission:
     """``max_streams`` requests stream at once; ``max_unauthenticated`` accepted WebSockets may wait
-    for their key; once ``draining`` (SIGTERM, a replica stopping) nothing new is admitted."""
+    for their key; once ``draining`` (SIGTERM, a replica stopping) nothing new is admitted.
 
-    def __init__(self, metrics: Metrics, max_streams: int, max_unauthenticated: int):
+    ``max_streams`` may be a callable: the default follows the engine's batch, known once it is loaded."""
+
+    def __init__(self, metrics: Metrics, max_streams: int | Callable[[], int], max_unauthenticated: int):
         self.metrics = metrics
-        self.max_streams = max_streams
+        self._max_streams = max_streams
         self.max_unauthenticated = max_unauthenticated
         #: Streams admitted and not yet left.
         self.active = 0
@@ -28,14 +32,19 @@ class Admission:
         #: Set on SIGTERM: /ready is 503, new requests are refused, in-flight ones finish.
         self.draining = False
 
+    @property
+    def max_streams(self) -> int:
+        return self._max_streams() if callable(self._max_streams) else self._max_streams
+
     def enter(self, endpoint: str) -> None:
         """Admit one streaming request, or count it as rejected and raise :class:`Overloaded`
         (WebSocket 1013, HTTP 429). Every admitted request calls :meth:`leave` once."""
-        if self.draining or self.active >= self.max_streams:
+        limit = self.max_streams
+        if self.draining or self.active >= limit:
             self.metrics.finished(endpoint, "rejected")
             if self.draining:
                 raise Overloaded(SHUTTING_DOWN)
-            raise Overloaded(f"{self.max_streams} requests are streaming already; retry shortly")
+            raise Overloaded(f"{limit} requests are streaming already; retry shortly")
         self.active += 1
         self.metrics.active_streams.set(self.active)
 

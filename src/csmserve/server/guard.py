@@ -29,6 +29,7 @@ from csmserve.logs import clean_id, request_id
 from csmserve.server.auth import is_public, presented_key
 from csmserve.server.hosts import HostRule
 from csmserve.server.state import ServerState
+from csmserve.speech.voices import client_connection
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class Guard:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        client = scope.get("client")  # (host, port): one TCP connection, what "once per connection" counts
+        client_connection.set(tuple(client) if client else None)
         conn = HTTPConnection(scope)
         headers = conn.headers
         host = headers.get("host")

@@ -29,7 +29,10 @@ def capacity_fields(capacity) -> dict:
         "free_slots": capacity.free_slots,
         "queue_depth": capacity.waiting,
         "last_step_ms": round(capacity.last_step_ms, 2),
+        "last_step_cpu_ms": round(capacity.last_step_cpu_ms, 2),
+        "last_step_device_ms": None if capacity.last_step_device_ms is None else round(capacity.last_step_device_ms, 2),
         "last_batch": capacity.last_batch,
+        "realtime_streams": capacity.realtime_streams,
     }
 
 

@@ -20,8 +20,17 @@ class Watchdog:
     """Watches ``capacity()`` (an engine's :meth:`capacity`); plain state, sampled by :meth:`run`
     and on every :meth:`stalled` call."""
 
-    def __init__(self, capacity: Callable, timeout_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        capacity: Callable,
+        timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        armed: Callable[[], bool] = lambda: True,
+    ):
+        """``armed``: whether to watch at all (the app arms it once the engine is ready: capturing or
+        compiling the steps at start-up is not a stall)."""
         self.capacity = capacity
+        self.armed = armed
         self.timeout_s = timeout_s
         self.clock = clock
         self._steps: int | None = None
@@ -31,7 +40,7 @@ class Watchdog:
     def observe(self) -> None:
         snapshot = self.capacity()
         now = self.clock()
-        if snapshot.active == 0 and snapshot.waiting == 0:
+        if not self.armed() or (snapshot.active == 0 and snapshot.waiting == 0):
             self._steps, self._since = snapshot.steps, None
         elif self._since is None or snapshot.steps != self._steps:
             self._steps, self._since = snapshot.steps, now
