@@ -186,7 +186,7 @@ def test_voice_misses_do_not_scan_the_directory_each_time(settings_factory, tmp_
     old = time.time() - 60
     os.utime(voices_dir, (old, old))  # not changed within the racy window
     with running_server(settings_factory(engine="fake", voices_dir=voices_dir), FakeEngine()) as server:
-        store = server.app.state.csm.voices
+        store = server.app.state.csm.voices.store
         scans = store.scans
         for i in range(20):
             response = httpx.post(server.http + f"/v1/text-to-speech/nobody-{i}/stream", json={"text": "Hi."})
