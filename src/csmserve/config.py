@@ -169,7 +169,12 @@ class Settings(BaseSettings):
     auth_timeout_s: float = Field(
         10.0, gt=0, description="A WebSocket without a key in its URL or headers must send it within this long."
     )
-    header_timeout_s: float = Field(10.0, gt=0, description="An HTTP request's headers must arrive within this long.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description=(
+            "An HTTP request's headers must arrive within this long; on the Wyoming port, the first event from "
+            "connecting, and each event from its first byte."
+        ),
+    )
     body_timeout_s: float = Field(
         120.0, gt=0, description="A request body must arrive in full within this long after its headers (408 otherwise)."
     )

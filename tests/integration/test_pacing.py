@@ -1,11 +1,13 @@
 """Pacing by what the client has played (issue #18): a streaming route generates at most ``max_lead_s``
 of audio beyond what its client has taken off the socket, whatever the kernel's buffers would hold, and
 a client that takes nothing for ``max_lag_s`` is cut. Run on every streamed route, with the fewest
-bytes per second each offers (mu-law: a whole 90 s request fits in the sockets' buffers)."""
+bytes per second each offers (mu-law: a whole 90 s request fits in the sockets' buffers), and on the
+Wyoming port (raw TCP)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import httpx
@@ -110,3 +112,34 @@ def test_clients_that_read_as_audio_comes_are_never_held(tmp_path):
     assert "error" not in done and len(audio) == 2 * done["samples"] and done["audio_ms"] > 15_000
     assert len(streamed) == len(audio)
     assert counter(metrics, "csm_slow_clients_total") == 0
+
+
+def test_a_wyoming_client_that_reads_nothing_gets_only_the_lead_and_is_cut(tmp_path):
+    """Wyoming (raw TCP, not HTTP) is paced the same way: a client that sends a long synthesize and
+    reads nothing gets at most max_lead_s (plus what its buffers hold) made for it, and is cut
+    max_lag_s after it stopped taking audio, counted as slow and disconnected."""
+    engine = FakeEngine(max_lag_s=600)
+    with running_server(paced_settings(tmp_path, wyoming_port=0), engine) as server:
+        server.wait_ready()
+        port = server.app.state.wyoming.port
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        try:
+            sock.sendall(json.dumps({"type": "synthesize", "data": {"text": LONG_TEXT}}).encode() + b"\n")
+            for _ in range(1000):
+                if engine.frames_made:
+                    break
+                time.sleep(0.01)
+            made = frames_once_still(engine, list(engine.frames_made))
+            for _ in range(1000):
+                metrics = httpx.get(server.http + "/metrics", timeout=10).text
+                if counter(metrics, "csm_requests_total", endpoint="wyoming", outcome="disconnected") >= 1:
+                    break
+                time.sleep(0.02)
+        finally:
+            sock.close()
+    assert max(made.values()) <= (LEAD_S + SLACK_S) / FRAME_S, made
+    assert counter(metrics, "csm_slow_clients_total") == 1
+    assert counter(metrics, "csm_requests_total", endpoint="wyoming", outcome="disconnected") == 1
