@@ -1,7 +1,7 @@
 """Deadlines for every phase of a connection, and what a stranger may learn (issue #18): trickled
 bodies are cut while probes answer, the pre-login waiting room cannot be held, ElevenLabs sockets
 ask for the key before they look at the voice, live load and keys stay out of strangers' sight,
-look-alike voice names and foreign Host names are refused."""
+look-alike voice names (on every way of adding a voice) and foreign Host names are refused."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from test_voices_cli import voices_cli
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -239,16 +240,61 @@ def test_authorization_in_the_query_string_never_reaches_the_log(tmp_path, keep)
 def test_look_alikes_of_reserved_voice_names_are_refused(fake_server, name, status):
     """Full-width forms read as the name they look like (409, reserved); a zero-width character or a
     Cyrillic letter among Latin ones is refused outright (422, invalid); nothing is stored."""
-    buffer = io.BytesIO()
-    sf.write(buffer, (0.2 * np.sin(np.arange(24_000) / 10)).astype(np.float32), 24_000, format="WAV")
     response = httpx.post(
         fake_server.http + "/v1/voices",
-        files={"audio": ("ref.wav", buffer.getvalue(), "audio/wav")},
+        files={"audio": ("ref.wav", wav_clip(), "audio/wav")},
         data={"name": name, "transcript": "This is how I sound."},
         timeout=30,
     )
     assert response.status_code == status, response.text
     assert httpx.get(fake_server.http + "/v1/voices").json()["data"] == []
+
+
+#: Look-alikes of reserved names (the server's map names 21m00Tcm4TlvDq8ikWAM) and malformed names.
+LOOK_ALIKES = [
+    ("ｄｅｆａｕｌｔ", "reserved"), ("２１ｍ００Ｔｃｍ４ＴｌｖＤｑ８ｉｋＷＡＭ", "reserved"), ("ａｌｌｏｙ", "reserved"),
+    ("\u0430nna", "may not mix scripts"), ("anna\u200b", "invisible"),
+]
+
+
+def test_elevenlabs_voice_cloning_refuses_look_alikes_of_reserved_names(settings_factory):
+    """POST /v1/voices/add (the elevenlabs SDK's ivc.create) checks names as POST /v1/voices does: a
+    look-alike of default, of a mapped voice id or of a speaker name is reserved (400 in ElevenLabs'
+    shape), a mixed-script or invisible name invalid (422); nothing is stored."""
+    settings = settings_factory(engine="fake", voice_map="21m00Tcm4TlvDq8ikWAM=anna")
+    with running_server(settings, FakeEngine()) as server:
+        server.wait_ready()
+        answers = []
+        for name, _ in LOOK_ALIKES:
+            response = httpx.post(
+                server.http + "/v1/voices/add", files={"files": ("ref.wav", wav_clip(), "audio/wav")},
+                data={"name": name}, timeout=30,
+            )
+            answers.append((response.status_code, response.json()["detail"]["message"]))
+        stored = httpx.get(server.http + "/v1/voices").json()["data"]
+    assert [status for status, _ in answers] == [400, 400, 400, 422, 422]
+    assert all(why in message for (_, why), (_, message) in zip(LOOK_ALIKES, answers)), answers
+    assert stored == []
+
+
+def test_the_voices_cli_refuses_look_alikes_of_reserved_names(tmp_path):
+    """`csmserve voices add` runs the same check: exit 1 with the reason, nothing stored."""
+    voices_dir, reference = tmp_path / "voices", tmp_path / "anna.wav"
+    reference.write_bytes(wav_clip())
+    results = [
+        voices_cli(voices_dir, "add", name, str(reference), CSM_VOICE_MAP="21m00Tcm4TlvDq8ikWAM=anna")
+        for name, _ in LOOK_ALIKES
+    ]
+    assert [r.returncode for r in results] == [1] * len(LOOK_ALIKES)
+    assert all(why in r.stderr for (_, why), r in zip(LOOK_ALIKES, results)), [r.stderr for r in results]
+    assert not list(voices_dir.glob("voice_*.json"))
+
+
+def wav_clip() -> bytes:
+    """A second of a tone, as a WAV file."""
+    buffer = io.BytesIO()
+    sf.write(buffer, (0.2 * np.sin(np.arange(24_000) / 10)).astype(np.float32), 24_000, format="WAV")
+    return buffer.getvalue()
 
 
 def handshake(port: int, host: str) -> bytes:
