@@ -38,6 +38,7 @@ from csmserve.server.admission import Admission
 from csmserve.server.auth import KeyChecker
 from csmserve.server.errors import error_response, validation_error_response
 from csmserve.server.guard import Guard
+from csmserve.server.hosts import HostRule
 from csmserve.server.state import ServerState
 from csmserve.server.store import AudioStore
 from csmserve.server.watchdog import Watchdog
@@ -158,6 +159,12 @@ def create_app(
         log.warning(
             "no API keys configured (CSM_API_KEYS): anyone who can reach this port can use the model"
         )
+        if not settings.allowed_hosts and HostRule.from_settings(settings, keys=False).names is None:
+            log.warning(
+                "no API keys and CSM_ALLOWED_HOSTS unset on %s: any Host name is answered, so a web page "
+                "could reach this server through DNS rebinding; list the names clients use in CSM_ALLOWED_HOSTS",
+                settings.host,
+            )
     return build_app(state, on_load_failed)
 
 

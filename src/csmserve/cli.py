@@ -124,7 +124,7 @@ def configured(args: argparse.Namespace) -> Settings | None:
         return None
     from csmserve.logs import setup_logging
 
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, settings.log_query_strings)
     return settings
 
 

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     log_format: Literal["text", "json"] = Field("text", description="text, or one JSON object per line.")
+    log_query_strings: bool = Field(
+        False, description="Keep query strings in access log lines (credentials still redacted). Off: the path only."
+    )
     wyoming_port: int | None = Field(
         None,
         ge=0,
@@ -130,6 +133,14 @@ class Settings(BaseSettings):
     allowed_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Comma-separated Origins allowed to open WebSockets. Empty: any."
     )
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description=(
+            "Comma-separated Host names the server answers for (.example.com: it and its subdomains; *: any), "
+            "besides IP addresses and localhost. Empty: with keys off and a loopback host, only addresses and "
+            "localhost (DNS rebinding); otherwise any."
+        ),
+    )
     protect_metrics: bool = Field(True, description="/metrics needs an API key when keys are configured.")
 
     # Admission and limits
@@ -147,6 +158,12 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(300.0, gt=0, description="Deadline for one request, from its start.")
     max_lag_s: float = Field(10.0, gt=0, description="A client that stops reading for this long is closed.")
+    max_lead_s: float = Field(
+        5.0, gt=0, description=(
+            "Streamed audio runs at most this many seconds ahead of what the client has taken off the socket "
+            "(acknowledged by its TCP); beyond it the stream waits and sits out the engine's steps."
+        ),
+    )
     idle_timeout_s: float = Field(300.0, gt=0, description="A WebSocket with nothing to do for this long is closed.")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight streams may finish.")
     stall_timeout_s: float = Field(
@@ -155,8 +172,25 @@ class Settings(BaseSettings):
     auth_timeout_s: float = Field(
         10.0, gt=0, description="A WebSocket without a key in its URL or headers must send it within this long."
     )
-    header_timeout_s: float = Field(10.0, gt=0, description="An HTTP request's headers must arrive within this long.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description=(
+            "An HTTP request's headers must arrive within this long; on the Wyoming port, the first event from "
+            "connecting, and each event from its first byte."
+        ),
+    )
+    body_timeout_s: float = Field(
+        120.0, gt=0, description="A request body must arrive in full within this long after its headers (408 otherwise)."
+    )
+    min_body_rate: int = Field(
+        1024, ge=0, description=(
+            "A request body must keep arriving at this many bytes per second at least, counted after its "
+            "first second (408 otherwise; 0: no minimum)."
+        ),
+    )
     max_connections: int = Field(1024, ge=1, description="Open connections (all kinds); more get 503.")
+    probe_connections: int = Field(
+        8, ge=0, description="Connections beyond max_connections that only /health and /ready may use."
+    )
     max_unauthenticated: int = Field(
         64, ge=1, description="WebSockets at once that have not yet sent their key; more are closed with 1013."
     )
@@ -222,7 +256,7 @@ class Settings(BaseSettings):
     audio_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Most bytes of WAV kept.")
     audio_ttl_s: int = Field(3600, ge=1, description="Seconds a WAV stays downloadable.")
 
-    @field_validator("api_keys", "allowed_origins", "voice_map", mode="before")
+    @field_validator("api_keys", "allowed_origins", "allowed_hosts", "voice_map", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):

@@ -16,8 +16,9 @@ from urllib.parse import unquote_plus
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
-#: Query parameters that carry credentials, by their *decoded* name (``%74oken`` is ``token``).
-SECRET_PARAMS = {"token", "api_key", "apikey", "key", "access_token"}
+#: Query parameters that carry credentials, by their *decoded* name (``%74oken`` is ``token``) in lower
+#: case without ``-`` or ``_`` (``xi-api-key``, ``XI_API_KEY`` and ``xiapikey`` are one name).
+SECRET_PARAMS = {"token", "apikey", "key", "accesstoken", "xiapikey", "xapikey", "authorization", "auth"}
 # A value written as a <placeholder> is an instruction to the reader ("export HF_TOKEN=<read token>"),
 # not a secret: it is matched whole, so that it is left alone rather than cut at its first space.
 _PLACEHOLDER = r"<[\w .-]{1,40}>"
@@ -36,9 +37,14 @@ def _is_placeholder(value: str) -> bool:
     return re.fullmatch(_PLACEHOLDER, value) is not None
 
 
+def secret_name(name: str) -> bool:
+    """Whether a query parameter called ``name`` (as written: any case, percent-encoding, ``-``/``_``)
+    carries a credential."""
+    return re.sub(r"[-_\s]", "", unquote_plus(name).lower()) in SECRET_PARAMS
+
+
 def _redact_param(match: re.Match) -> str:
-    name = unquote_plus(match.group("name")).lower()
-    if name not in SECRET_PARAMS or _is_placeholder(match.group("value")):
+    if not secret_name(match.group("name")) or _is_placeholder(match.group("value")):
         return match.group(0)
     return f"{match.group('name')}=[redacted]"
 
@@ -50,9 +56,10 @@ def _redact_bearer(match: re.Match) -> str:
 def redact(text: str) -> str:
     """``text`` with query-string credentials (whatever the encoding of their name), bearer tokens and
     Hugging Face tokens replaced by ``[redacted]``; ``<placeholders>`` in instructions stay."""
+    text = _BEARER.sub(_redact_bearer, text)  # first: "authorization=Bearer KEY" keeps no KEY after a space
     if "=" in text:
         text = _PARAM.sub(_redact_param, text)
-    return _HF_TOKEN.sub("[redacted]", _BEARER.sub(_redact_bearer, text))
+    return _HF_TOKEN.sub("[redacted]", text)
 
 
 def clean_id(value: str | None) -> str | None:
@@ -73,6 +80,27 @@ class ContextFilter(logging.Filter):
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, ()
+        return True
+
+
+class QueryStrings(logging.Filter):
+    """Drops the query string from the request line of uvicorn's access and WebSocket log lines
+    (``keep``: keeps it; :func:`redact` still removes credentials). A query string is the client's to
+    fill: it carries keys (``?token=``, ElevenLabs' ``?authorization=``) and whatever else."""
+
+    LOGGERS = ("uvicorn.access", "uvicorn.error")
+
+    def __init__(self, keep: bool = False):
+        super().__init__()
+        self.keep = keep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.keep or record.name not in self.LOGGERS or not isinstance(record.args, tuple):
+            return True
+        if any(isinstance(arg, str) and arg.startswith("/") and "?" in arg for arg in record.args):
+            record.args = tuple(
+                arg.split("?", 1)[0] if isinstance(arg, str) and arg.startswith("/") else arg for arg in record.args
+            )
         return True
 
 
@@ -158,10 +186,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    """Configure the root logger (and uvicorn's) once, for the CLI."""
+def setup_logging(level: str = "info", fmt: str = "text", query_strings: bool = False) -> None:
+    """Configure the root logger (and uvicorn's) once, for the CLI. ``query_strings``: keep them in
+    access log lines (redacted)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RateLimit())
+    handler.addFilter(QueryStrings(keep=query_strings))
     handler.addFilter(ContextFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

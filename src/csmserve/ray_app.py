@@ -75,7 +75,7 @@ class CsmReplica:
 
         self.name = serve.get_replica_context().replica_tag
         self.settings = Settings(**settings)
-        setup_logging(self.settings.log_level, self.settings.log_format)
+        setup_logging(self.settings.log_level, self.settings.log_format, self.settings.log_query_strings)
         for handler in logging.getLogger().handlers:
             handler.addFilter(ReplicaLogFilter(self.name))
         prepare_offline_model(self.settings)

@@ -14,7 +14,14 @@ Several processes may share one directory (Ray Serve replicas on a shared volume
 running server): a voice another process registered is read from disk the first time it is asked for
 (or listed), one it changed (encoded) is read again, and one it deleted disappears here too. Temporary
 files have unique names, so writers never collide; adding takes a lock file, so two processes never
-give one name to two voices.
+give one name to two voices. Every such change replaces a file in the directory, so the directory is
+scanned again only when its modification time says its listing changed (or changed so recently that
+a second change could share the timestamp): a lookup that misses costs one ``stat``, not a scan, and
+a client asking for names that do not exist cannot make every request read the directory.
+
+Names are compared and stored in one form (:func:`normalise_name`): NFKC, so full-width and other
+compatibility forms are the letters they look like; format characters (zero-width, direction marks)
+and a mix of scripts with look-alike letters (a Cyrillic "а" among Latin ones) are refused.
 """
 
 from __future__ import annotations
@@ -29,13 +36,14 @@ import re
 import secrets
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from csmserve.errors import Conflict
+from csmserve.errors import Conflict, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,42 @@ FRAME_S = 0.08
 FRAME_SAMPLES = 1920
 #: The rate a pending voice's clip is kept at: CSM's codec (Mimi) works at 24 kHz.
 CLIP_RATE = 24_000
+#: A directory changed less than this long before a scan may change again within the same timestamp
+#: (coarse file system clocks: FAT's 2 s): until it is older, a miss scans again.
+RACY_S = 2.0
+
+
+def normalise_name(name: str) -> str:
+    """A voice name as it is stored and compared: NFKC-normalised (``ａｌｌｏｙ`` is ``alloy``) and
+    stripped. Raises :class:`InvalidRequest` for format or control characters (``alloy`` + U+200B) and
+    for letters of several scripts that look alike (``аlloy`` with a Cyrillic ``а``)."""
+    from confusable_homoglyphs import confusables  # its tables load on first use: registration only
+
+    name = unicodedata.normalize("NFKC", name).strip()
+    if any(unicodedata.category(c) in ("Cf", "Cc", "Cs", "Co", "Cn") for c in name):
+        raise InvalidRequest("a voice name may not contain invisible, control or unassigned characters", "name")
+    if confusables.is_dangerous(name):
+        raise InvalidRequest("a voice name may not mix scripts whose letters look alike", "name")
+    return name
+
+
+def same_name(a: str, b: str) -> bool:
+    """Whether two voice names are one: equal after NFKC, in any case (a name stored before names
+    were normalised included)."""
+    return unicodedata.normalize("NFKC", a).casefold() == unicodedata.normalize("NFKC", b).casefold()
+
+
+def latin_skeleton(name: str) -> str:
+    """``name`` in lower case with every letter that looks like a Latin one replaced by it (a whole
+    Cyrillic ``аllоу`` reads ``alloy``): what a reserved name is compared with."""
+    from confusable_homoglyphs import confusables
+
+    out = []
+    for char in unicodedata.normalize("NFKC", name).casefold():
+        found = not char.isascii() and confusables.is_confusable(char, preferred_aliases=["latin"])
+        latin = [g["c"] for g in found[0]["homoglyphs"] if g["c"].isascii()] if found else []
+        out.append(latin[0].lower() if latin else char)
+    return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -82,6 +126,9 @@ class VoiceStore:
         self._seen: dict[str, tuple[int, int]] = {}  # id -> (mtime, size) of the metadata file read
         self._unreadable: dict[str, tuple[int, int]] = {}  # id -> (mtime, size) of a file already warned about
         self._lock = threading.Lock()
+        self._listed: int | None = None  # the directory's mtime (ns) at the last scan; None: scan
+        #: Directory scans so far (a miss that finds the listing unchanged does not scan).
+        self.scans = 0
         self._load_all()
 
     def _load_all(self) -> None:
@@ -114,9 +161,24 @@ class VoiceStore:
             return None
         return voice, codes
 
+    def _listing_changed(self) -> bool:
+        """Whether the directory may list other files than at the last scan; remembers its mtime if so."""
+        try:
+            mtime = self.directory.stat().st_mtime_ns
+        except FileNotFoundError:
+            return True
+        if mtime == self._listed:
+            return False
+        # A change within RACY_S of now may be followed by another with the same timestamp: scan again next time.
+        self._listed = mtime if time.time_ns() - mtime > RACY_S * 1e9 else None
+        return True
+
     def refresh(self) -> None:
         """Pick up voices other processes added to the directory or changed (encoded), and drop
-        those they deleted."""
+        those they deleted (a scan only when the directory's listing changed)."""
+        if not self._listing_changed():
+            return
+        self.scans += 1
         on_disk = {}
         for meta in self.directory.glob("voice_*.json"):
             with contextlib.suppress(FileNotFoundError):
@@ -174,9 +236,10 @@ class VoiceStore:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _check_name_free(self, name: str) -> None:
+        """Raises :class:`Conflict` when a voice has ``name`` (normalised), in any case."""
         self.refresh()
         with self._lock:
-            if any(v.name.casefold() == name.casefold() for v in self._voices.values()):
+            if any(same_name(v.name, name) for v in self._voices.values()):
                 raise Conflict(f"a voice named {name!r} exists already; pick another name or delete it first")
 
     def _new(self, name: str, speaker_id: int, transcript: str, frames: int, pending: bool, **about: object) -> Voice:
@@ -189,8 +252,10 @@ class VoiceStore:
         self, name: str, speaker_id: int, transcript: str, codes: np.ndarray, description: str = "",
         labels: dict[str, str] | None = None,
     ) -> Voice:
-        """Store a new voice from its codes ``(frames, 32)``. Raises :class:`Conflict` when ``name``
-        (case-insensitive) is taken, here or by another process on the directory."""
+        """Store a new voice from its codes ``(frames, 32)`` under its :func:`normalise_name`. Raises
+        :class:`Conflict` when the name (case-insensitive) is taken, here or by another process on the
+        directory, :class:`InvalidRequest` when it is not a valid name."""
+        name = normalise_name(name)
         codes = np.asarray(codes, dtype=np.int16)
         with self._adding():
             self._check_name_free(name)
@@ -203,7 +268,8 @@ class VoiceStore:
 
     def add_clip(self, name: str, speaker_id: int, transcript: str, wav: bytes, samples: int) -> Voice:
         """Store a new **pending** voice from its clip: ``wav`` a WAV file of ``samples`` mono samples at
-        :data:`CLIP_RATE`, kept until a server encodes it (:meth:`set_codes`). Raises :class:`Conflict` as :meth:`add`."""
+        :data:`CLIP_RATE`, kept until a server encodes it (:meth:`set_codes`). Raises as :meth:`add`."""
+        name = normalise_name(name)
         frames = max(1, samples // FRAME_SAMPLES)
         with self._adding():
             self._check_name_free(name)
@@ -255,11 +321,12 @@ class VoiceStore:
             return self._voices.get(voice.id)
 
     def _find(self, key: str) -> Voice | None:
+        name = unicodedata.normalize("NFKC", key)  # names are stored normalised
         with self._lock:
             if key in self._voices:
                 return self._voices[key]
             for voice in self._voices.values():
-                if voice.name == key:
+                if voice.name == name:
                     return voice
         return None
 

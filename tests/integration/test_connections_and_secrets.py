@@ -65,16 +65,20 @@ def test_an_http_request_whose_headers_never_end_is_closed_at_the_header_deadlin
         sock.close()
 
 
-def test_connections_beyond_max_connections_get_a_503(settings_factory):
-    """With max_connections open, one more request is a 503 (uvicorn's concurrency limit)."""
+def test_connections_beyond_max_connections_get_a_503_but_probes_answer(settings_factory):
+    """With max_connections open, one more request is a 503 (uvicorn's concurrency limit); /health
+    and /ready still answer from the probes' own reserve (an orchestrator must not restart a busy pod)."""
     with running_server(settings_factory(engine="fake", max_connections=2), FakeEngine()) as server:
+        server.wait_ready()
         held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
         try:
-            response = httpx.get(server.http + "/health", timeout=10)
+            response = httpx.get(server.http + "/v1/models", timeout=10)
+            probes = [httpx.get(server.http + path, timeout=10).status_code for path in ("/health", "/ready")]
         finally:
             for sock in held:
                 sock.close()
     assert response.status_code == 503
+    assert probes == [200, 200]
 
 
 def test_an_empty_bearer_header_does_not_hide_a_valid_x_api_key(settings_factory):

@@ -115,7 +115,7 @@ def test_openai_voice_names_and_speaker_ids_are_reserved(server, name):
 def test_a_body_above_the_limit_is_refused_by_its_content_length(server):
     """A JSON body whose Content-Length passes max_body_bytes is a 413 before any of it is read."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 268435456\r\n\r\n")
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 268435456\r\n\r\n")
     answer = sock.recv(65536)
     sock.close()
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
@@ -125,7 +125,7 @@ def test_a_chunked_body_is_cut_as_soon_as_it_passes_the_limit(server):
     """A chunked body with no Content-Length is counted as it arrives: a 413 once past the limit,
     while the client has sent only a little more than the limit."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
     chunk = b" " * 1024
     for _ in range(6):
         sock.sendall(b"400\r\n" + chunk + b"\r\n")
@@ -139,7 +139,7 @@ def test_an_upload_above_the_limit_is_refused_by_its_content_length(settings_fac
     with running_server(settings_factory(engine="fake", max_upload_bytes=2048), FakeEngine()) as server:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         sock.sendall(
-            b"POST /v1/voices HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"POST /v1/voices HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             b"Content-Length: 1000000000\r\n\r\n--b\r\n"
         )
         answer = sock.recv(65536)

@@ -18,6 +18,7 @@ import websockets
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
+from wyoming.event import async_read_event, async_write_event
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped, SynthesizeVoice
 
@@ -268,3 +269,28 @@ async def test_requests_queued_past_the_per_connection_limit_are_refused(setting
     kinds = [e.type for e in events]
     assert kinds.count("audio-stop") == 3 and kinds[-1] == "error"
     assert "2 requests are already queued" in Error.from_event(events[-1]).text
+
+
+async def test_a_silent_connection_and_a_trickled_event_are_cut_at_the_header_deadline(settings_factory):
+    """A connection that sends nothing is closed header_timeout_s after connecting; on one that has
+    spoken, an event trickled a byte at a time gets an error once it has taken header_timeout_s from
+    its first byte, then the connection closes."""
+    with wyoming_server(settings_factory, header_timeout_s=0.5) as (server, port):
+        silent_reader, silent = await asyncio.open_connection("127.0.0.1", port)
+        silent_end = await asyncio.wait_for(silent_reader.read(), 10)
+        silent.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await async_write_event(Describe().event(), writer)
+        info = await asyncio.wait_for(async_read_event(reader), 10)
+        writer.write(b'{"type": "describe"')
+        answer = asyncio.ensure_future(reader.read())  # everything until the server closes
+        for _ in range(400):  # a space every 25 ms, never the end of the line
+            writer.write(b" ")
+            done, _ = await asyncio.wait({answer}, timeout=0.025)
+            if done:
+                break
+        closing = await asyncio.wait_for(answer, 10)
+        writer.close()
+    assert silent_end == b""
+    assert Info.is_type(info.type)
+    assert b'"error"' in closing and b"within 0.5 s of its first byte" in closing

@@ -11,7 +11,7 @@ import base64
 import json
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -25,16 +25,30 @@ class StreamingRoute:
     streams: bool = True
     #: A WebSocket route (else HTTP POST).
     websocket: bool = False
+    #: Fields added to the request (HTTP body, or the WebSocket message that asks for audio).
+    fields: tuple[tuple[str, object], ...] = ()
+
+    def smallest(self) -> StreamingRoute:
+        """The same route asking for its fewest bytes per second of audio: 8 kHz mu-law (1 byte a sample),
+        or, on OpenAI's route that has no G.711, Opus. The fewer the bytes, the more audio fits in the
+        sockets' buffers, so pacing has to measure in audio, not bytes."""
+        if self.endpoint == "openai":
+            return replace(self, name=self.name + "-opus", fields=(("response_format", "opus"),))
+        if self.endpoint == "elevenlabs":
+            return replace(self, name=self.name + "-ulaw", path=self.path.replace("pcm_24000", "ulaw_8000"))
+        return replace(self, name=self.name + "-mulaw", fields=(("format", "mulaw"), ("sample_rate", 8000)))
 
     def body(self, text: str, request_id: str) -> dict:
         """The request (HTTP) or the message that asks for ``text`` (WebSocket; ElevenLabs: the flushed text)."""
         if self.endpoint == "openai":
             # "stream" chooses a stream or a whole file (a client that says nothing gets the file).
-            return {"model": "tts-1", "input": text, "voice": "alloy", "response_format": "pcm", "stream": self.streams}
-        if self.endpoint == "elevenlabs":
+            body = {"model": "tts-1", "input": text, "voice": "alloy", "response_format": "pcm", "stream": self.streams}
+        elif self.endpoint == "elevenlabs":
             # HTTP: the request id comes as X-Request-Id; WebSocket: the context id is the request id.
-            return {"text": text, "context_id": request_id, "flush": True} if self.websocket else {"text": text}
-        return {"text": text, "request_id": request_id}
+            body = {"text": text, "context_id": request_id, "flush": True} if self.websocket else {"text": text}
+        else:
+            body = {"text": text, "request_id": request_id}
+        return {**body, **dict(self.fields)}
 
     def messages(self, text: str, request_id: str) -> list[dict]:
         """What a WebSocket client sends: ElevenLabs' multi-stream-input opens its context first."""

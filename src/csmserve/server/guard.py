@@ -1,26 +1,37 @@
 """What every HTTP request passes before a route sees it (a plain ASGI middleware, so streaming
 responses and their cancellation stay in the route's own task).
 
-In order: the request id (``X-Request-Id``, bounded and stripped of control characters) for the log;
-the API key; for requests that change state, the Origin (a browser page from another site may not
-use the server, keys or not) and, on JSON routes, a JSON body (a cross-site ``text/plain`` POST is
-refused); the body size, by ``Content-Length`` before anything is read and by counting while it
-streams in, so an upload is cut as soon as it passes the limit, never spooled whole first.
+In order: the ``Host`` (:mod:`csmserve.server.hosts`: with keys off, a page on a rebound DNS name
+may not use a server bound to loopback; WebSockets too); the request id (``X-Request-Id``, bounded
+and stripped of control characters) for the log; the API key; for requests that change state, the
+Origin (a browser page from another site may not use the server, keys or not) and, on JSON routes, a
+JSON body (a cross-site ``text/plain`` POST is refused); the body size, by ``Content-Length`` before
+anything is read and by counting while it streams in, so an upload is cut as soon as it passes the
+limit, never spooled whole first; the body's pace: it must arrive in full within ``body_timeout_s``
+and at ``min_body_rate`` bytes per second at least after its first second (408 otherwise, so a body
+trickled a byte at a time cannot hold a connection). A client that goes away mid-body is one log
+line, not a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from urllib.parse import urlsplit
 
+import anyio
 from starlette.datastructures import Headers
-from starlette.requests import HTTPConnection
+from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from csmserve.logs import clean_id, request_id
 from csmserve.server.auth import is_public, presented_key
+from csmserve.server.hosts import HostRule
 from csmserve.server.state import ServerState
 from csmserve.speech.voices import client_connection
+
+log = logging.getLogger(__name__)
 
 JSON_ROUTES = ("/generate", "/v1/audio/speech")
 #: ElevenLabs' text-to-speech POSTs (``/v1/text-to-speech/{voice_id}`` and its variants) take JSON too.
@@ -31,8 +42,13 @@ UPLOAD_OVERHEAD = 64 * 1024
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 
 
-class BodyTooLarge(Exception):
-    """Raised from ``receive`` once the body passes the limit; the client gets a 413."""
+#: The first second of a body is not held to ``min_body_rate`` (a connection's slow start).
+BODY_GRACE_S = 1.0
+BODY_LATE = "the request body did not arrive in time (CSM_BODY_TIMEOUT_S, CSM_MIN_BODY_RATE)"
+
+
+class BodyRefused(Exception):
+    """Raised from ``receive`` once the body passes its size limit (413) or its pace (408)."""
 
 
 def error_body(status: int, code: str, message: str, headers: dict | None = None) -> tuple[int, bytes, list]:
@@ -65,6 +81,7 @@ class Guard:
     def __init__(self, app: ASGIApp, state: ServerState):
         self.app = app
         self.state = state
+        self.hosts = HostRule.from_settings(state.settings, keys=state.keys.enabled)
 
     def body_limit(self, path: str) -> int:
         settings = self.state.settings
@@ -73,14 +90,25 @@ class Guard:
         return settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
-            client = scope.get("client")  # (host, port): one TCP connection, what "once per connection" counts
-            client_connection.set(tuple(client) if client else None)
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        client = scope.get("client")  # (host, port): one TCP connection, what "once per connection" counts
+        client_connection.set(tuple(client) if client else None)
         conn = HTTPConnection(scope)
         headers = conn.headers
+        host = headers.get("host")
+        if not self.hosts.allows(host):
+            log.warning("refused a request for Host %r (CSM_ALLOWED_HOSTS)", clean_id(host))
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})  # before accept: a 403
+            else:
+                message = f"this server does not answer for Host {clean_id(host)!r}; see CSM_ALLOWED_HOSTS"
+                await send_error(send, 421, "host_not_allowed", message)
+            return
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
         request_id.set(clean_id(headers.get("x-request-id")))
         refusal = self.refusal(scope, conn, headers)
         if refusal is not None:
@@ -118,39 +146,63 @@ class Guard:
             code, what = "body_too_large", f"request bodies on {path} are limited to {self.body_limit(path)} bytes"
         return 413, code, what, {"Connection": "close"}
 
+    def body_wait(self, elapsed: float, received: int) -> float:
+        """Seconds until a body that has ``received`` bytes after ``elapsed`` s would be late (0: it
+        is late now)."""
+        settings = self.state.settings
+        wait = settings.body_timeout_s - elapsed
+        if settings.min_body_rate:
+            wait = min(wait, BODY_GRACE_S + received / settings.min_body_rate - elapsed)
+        return max(0.0, wait)
+
     async def limited(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
-        """Run the app with the body counted as it arrives. Past the limit, reading stops and the
-        client gets a 413, whatever the app (or a body parser wrapping our exception) answers."""
+        """Run the app with the body counted and timed as it arrives. Past the limit or the pace,
+        reading stops and the client gets a 413 or a 408, whatever the app (or a body parser
+        wrapping our exception) answers."""
         limit = self.body_limit(scope["path"])
         received = 0
         started = False
-        too_large = self.too_large(scope["path"])
+        refused: tuple | None = None
+        body_started, body_done = time.monotonic(), False
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge
+            nonlocal received, refused, body_done
+            if body_done:  # after the body: the app waits for the client to go away
+                return await receive()
+            while True:
+                with anyio.move_on_after(self.body_wait(time.monotonic() - body_started, received)):
+                    message = await receive()
+                    break
+                if self.body_wait(time.monotonic() - body_started, received) == 0.0:
+                    refused = 408, "body_timeout", BODY_LATE, {"Connection": "close"}
+                    raise BodyRefused
+            if message["type"] != "http.request":
+                body_done = True
+                return message
+            received += len(message.get("body", b""))
+            if received > limit:
+                refused = self.too_large(scope["path"])
+                raise BodyRefused
+            body_done = not message.get("more_body", False)
             return message
 
         async def checked_send(message: Message) -> None:
             nonlocal started
-            if received > limit:
+            if refused is not None:
                 if not started:
                     started = True
-                    await send_error(send, *too_large)
+                    await send_error(send, *refused)
                 return  # the app's own answer to a body it could not read
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, counting_receive, checked_send)
-        except BodyTooLarge:
-            if started:
-                raise
-            await send_error(send, *too_large)
+        except BodyRefused:
+            if not started:
+                await send_error(send, *refused)
+        except ClientDisconnect:  # the client went away before its body was in: one line, no traceback
+            log.info("%s %s: the client went away during its request body", scope["method"], scope["path"])
 
 
 def _is_json(content_type: str) -> bool:

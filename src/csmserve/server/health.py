@@ -1,4 +1,9 @@
-"""``/health``: the seed's fields first, then what an operator wants to know about the model."""
+"""``/health``: the seed's fields first, then what an operator wants to know about the model.
+
+Live load (``capacity``: rows, queue, step times) is operator information: with keys configured,
+only a caller with a key sees it (and ``/metrics``, which needs one too); the status and the seed's
+fields stay open for probes.
+"""
 
 from __future__ import annotations
 
@@ -57,15 +62,17 @@ async def health(request: Request) -> JSONResponse:
         "voice": OFFLINE_VOICE if info.offline_model else "real",
         "sample_rate": state.engine.sample_rate,
         **info.extra,
-        "capacity": capacity_fields(state.engine.capacity()),
     }
+    operator = trusted(request, state)
+    if operator:
+        body["capacity"] = capacity_fields(state.engine.capacity())
     if state.load_error is not None:
         body["error"] = state.load_error.to_dict()
     elif info.failed:
         body["error"] = {"code": "model_failed", "message": info.failed}
     elif stalled is not None:
         body["error"] = {"code": "engine_stalled", "message": stalled}
-    if not trusted(request, state):
+    if not operator:
         body["model"] = _without_paths(body["model"])
         if "error" in body:
             body["error"] = {**body["error"], "message": _without_paths(body["error"]["message"])}
@@ -73,7 +80,7 @@ async def health(request: Request) -> JSONResponse:
 
 
 def trusted(request: Request, state: ServerState) -> bool:
-    """Whether the caller may see operator detail (local paths): keys are off, or it sent a valid one."""
+    """Whether the caller may see operator detail (local paths, live load): keys are off, or it sent a valid one."""
     return not state.keys.enabled or state.keys.valid(presented_key(request))
 
 

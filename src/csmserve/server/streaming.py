@@ -5,8 +5,10 @@
   ``Retry-After`` (never a 200 with an empty body).
 * Deadline: one deadline per request (``request_timeout_s``), enforced inside the one task that
   iterates the engine, so it cancels generation cleanly (no cancel scope crosses a ``yield``).
-* Slow clients: every send must complete within ``max_lag_s`` or the connection is cut and the
-  generation cancelled, as on the WebSocket.
+* Slow clients: audio is paced by what the client has taken (:mod:`csmserve.server.pacing`: at most
+  ``max_lead_s`` ahead), and a client that takes nothing for ``max_lag_s`` (or whose send does not
+  complete in that time) is cut and its generation cancelled, as on the WebSocket. Whole files
+  (:func:`collected`) are not paced.
 * Disconnects: a client that goes away cancels its generation; the request counts as ``disconnected``.
 
 A route builds an async iterator of response bytes over the speech layer and hands it to
@@ -26,8 +28,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from csmserve.errors import CsmServeError, DeadlineExceeded, Overloaded
+from csmserve.errors import ClientTooSlow, CsmServeError, DeadlineExceeded, Overloaded
 from csmserve.server.deadline import deadline_exceeded
+from csmserve.server.pacing import Pacer, delivery_of
 from csmserve.server.state import ServerState
 from csmserve.speech import StreamStats
 
@@ -149,8 +152,10 @@ async def first_piece(slot: Slot, chunks: AsyncIterator[bytes]) -> bytes | None:
 class GuardedStream(Response):
     """Streams ``chunks`` (response bytes) to one HTTP client under the shared rule (module doc).
 
-    ``first`` is what :func:`first_piece` returned. The slot is left, and the outcome counted, when
-    the stream ends in any way; ``chunks`` is closed, which cancels generation in the engine."""
+    ``first`` is what :func:`first_piece` returned. ``stats`` (the stream's figures) pace it by what
+    the client has taken (:mod:`csmserve.server.pacing`); without them only the send deadline holds.
+    The slot is left, and the outcome counted, when the stream ends in any way; ``chunks`` is closed,
+    which cancels generation in the engine."""
 
     def __init__(
         self, slot: Slot, chunks: AsyncIterator[bytes], first: bytes | None, media_type: str, stats: StreamStats | None = None
@@ -163,7 +168,17 @@ class GuardedStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome = "error"
-        lag = self.slot.state.settings.max_lag_s
+        settings = self.slot.state.settings
+        lag = settings.max_lag_s
+        pacer = Pacer(delivery_of(scope) if self.stats is not None else None, settings.max_lead_s, lag)
+
+        def cut() -> ClientGone:
+            nonlocal outcome
+            self.slot.state.metrics.slow_clients.inc()
+            outcome = "disconnected"
+            log.warning("cut a client that read nothing for %g s", lag)
+            return ClientGone("client reads too slowly")
+
         try:
             with anyio.move_on_after(self.slot.remaining()) as deadline:
                 async with anyio.create_task_group() as group:
@@ -175,14 +190,18 @@ class GuardedStream(Response):
                         group.cancel_scope.cancel()
 
                     async def bounded_send(message: dict) -> None:
-                        nonlocal outcome
+                        audio = message["type"] == "http.response.body" and message["body"]
+                        if audio:
+                            try:
+                                await pacer.wait(self.stats)
+                            except ClientTooSlow:
+                                raise cut() from None
                         with anyio.move_on_after(lag) as slow:
                             await send(message)
                         if slow.cancelled_caught:
-                            self.slot.state.metrics.slow_clients.inc()
-                            outcome = "disconnected"
-                            log.warning("cut a client that read nothing for %g s", lag)
-                            raise ClientGone("client reads too slowly")
+                            raise cut()
+                        if audio:
+                            pacer.sent(self.stats)
 
                     group.start_soon(watch)
                     # Caught here, in the task that raised them, so no exception group forms (Python 3.10).

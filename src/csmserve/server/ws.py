@@ -2,9 +2,12 @@
 
 * Before accept (:func:`admit`, :func:`accept`): the Origin and a header/query key; a refused socket is closed 1008.
 * After accept: a socket without a key takes a place in the waiting room (:meth:`Socket.wait_for_key`,
-  at most ``max_unauthenticated``) until it shows one; a draining server refuses new work.
-* Sending (:meth:`Socket.send`): a client that has not read for ``max_lag_s`` is cut
-  (:class:`~csmserve.errors.ClientTooSlow`), which cancels its generation.
+  at most ``max_unauthenticated``) until it shows one, by ``auth_timeout_s`` after accept
+  (:meth:`Socket.auth_remaining`: frames do not extend it; each API closes a socket whose first
+  frame is not its key, oversize ones included); a draining server refuses new work.
+* Sending (:meth:`Socket.send`): audio is paced by what the client has taken
+  (:mod:`csmserve.server.pacing`: at most ``max_lead_s`` ahead); a client that takes nothing for
+  ``max_lag_s`` is cut (:class:`~csmserve.errors.ClientTooSlow`), which cancels its generation.
 * Receiving: frames bounded in bytes (:meth:`Socket.payload`), deadlines the protocol chooses.
 * Running (:meth:`Socket.serve`): the connection's loops until one ends, then every child task is
   cancelled (generation stops before its next frame) and the socket closes with the code it asked for.
@@ -18,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
@@ -27,7 +31,9 @@ from fastapi import WebSocket, WebSocketDisconnect
 from csmserve.errors import ClientTooSlow, CsmServeError, MessageTooLarge, Overloaded, Unauthorized
 from csmserve.server.admission import SHUTTING_DOWN, WAITING_ROOM_FULL
 from csmserve.server.auth import key_id, presented_key
+from csmserve.server.pacing import Pacer, delivery_of
 from csmserve.server.state import ServerState
+from csmserve.speech import StreamStats
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +106,12 @@ class Socket:
         #: The id of the key it showed (:func:`~csmserve.server.auth.key_id`), for access lines; None without keys.
         self.key_id: str | None = None
         self.send_lock = asyncio.Lock()
+        self.pacer = Pacer(delivery_of(websocket.scope), self.settings.max_lead_s, self.settings.max_lag_s)
         #: The first failure a child task reported (:meth:`fail`); it ends the connection.
         self.failure: BaseException | None = None
         self._waiting = False  # holds a place in the waiting room
+        #: When a socket without a key must have shown one (from accept; frames do not move it).
+        self.auth_deadline = time.monotonic() + self.settings.auth_timeout_s
         self._loops: list[asyncio.Task] = []
 
     # -- admission ----------------------------------------------------------------------------------
@@ -118,6 +127,10 @@ class Socket:
             return Overloaded(WAITING_ROOM_FULL)
         self._waiting = True
         return None
+
+    def auth_remaining(self) -> float:
+        """Seconds left for a socket without a key to show it (0 once the deadline has passed)."""
+        return max(0.0, self.auth_deadline - time.monotonic())
 
     def accept_key(self, key: str | None) -> bool:
         """Whether ``key`` (from a message) is valid; if so the socket leaves the waiting room."""
@@ -135,21 +148,27 @@ class Socket:
             self.state.admission.key_given()
 
     # -- sending ------------------------------------------------------------------------------------
-    async def send_json(self, event: dict) -> None:
-        await self.send(json.dumps(event))
+    async def send_json(self, event: dict, paced: StreamStats | None = None) -> None:
+        await self.send(json.dumps(event), paced)
 
-    async def send(self, item: bytes | str) -> None:
-        """Send one frame; a client that has not read for ``max_lag_s`` is closed (its stream cancelled)."""
-        async with self.send_lock:
-            try:
+    async def send(self, item: bytes | str, paced: StreamStats | None = None) -> None:
+        """Send one frame; a client that has not read for ``max_lag_s`` is closed (its stream cancelled).
+        ``paced``: the frame carries audio of the stream these figures count, and waits until the
+        client has taken all but ``max_lead_s`` of that stream (:class:`~csmserve.server.pacing.Pacer`)."""
+        try:
+            if paced is not None:
+                await self.pacer.wait(paced)
+            async with self.send_lock:
                 with anyio.fail_after(self.settings.max_lag_s):
                     if isinstance(item, bytes):
                         await self.ws.send_bytes(item)
                     else:
                         await self.ws.send_text(item)
-            except TimeoutError:
-                self.state.metrics.slow_clients.inc()
-                raise CloseConnection.because(ClientTooSlow("client reads too slowly"), "client reads too slowly") from None
+                if paced is not None:
+                    self.pacer.sent(paced)
+        except (TimeoutError, ClientTooSlow):
+            self.state.metrics.slow_clients.inc()
+            raise CloseConnection.because(ClientTooSlow("client reads too slowly"), "client reads too slowly") from None
 
     # -- receiving ----------------------------------------------------------------------------------
     async def receive(self, timeout_s: float | None = None) -> dict | None:

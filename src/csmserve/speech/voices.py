@@ -6,8 +6,10 @@ voice; a name the operator mapped to a registered voice (``CSM_VOICE_MAP``: Open
 ElevenLabs ``voice_id``); a registered voice (its reference clip's codes and transcript, kept by
 :class:`~csmserve.voices.VoiceStore`), by id or name; or, where an API accepts them, one of OpenAI's
 voice names that stand for a speaker id (:data:`SPEAKER_NAMES`). :class:`VoiceBook` holds the store,
-the map and the default; registration refuses names that would be read as something else
-(:meth:`VoiceBook.check_new`).
+the map and the default; registration refuses names that would be read as something else, or that
+only look like such a name (compared by their Latin look-alike skeleton), and names with invisible
+characters or look-alike letters of several scripts (:meth:`VoiceBook.check_new`: every way of adding
+a voice, HTTP, ElevenLabs and the CLI, goes through it).
 
 A speaker id alone is not a voice: without a reference clip the base model picks a different voice for
 each request. :class:`VaryingVoiceWarning` says so in the log, once per client connection.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from csmserve.config import Settings
 from csmserve.engine import ContextTurn
 from csmserve.errors import Conflict, InvalidRequest, VoiceUnavailable
-from csmserve.voices import ID_PATTERN, Voice, VoiceStore
+from csmserve.voices import ID_PATTERN, Voice, VoiceStore, latin_skeleton, normalise_name, same_name
 
 log = logging.getLogger(__name__)
 
@@ -114,22 +116,27 @@ class VoiceBook:
 
     def reserved(self, name: str) -> str | None:
         """Why a new voice may not be called ``name`` (None: it may): a speaker id or name, a voice id,
-        ``default`` or a mapped name would be read as something else."""
-        if name.isdigit() or name.casefold() in SPEAKER_NAMES:
+        ``default`` or a mapped name would be read as something else. Names are compared by their
+        :func:`~csmserve.voices.latin_skeleton`, so what merely looks like one (``ａｌｌｏｙ``, a whole
+        Cyrillic ``аllоу``, ``３``) is reserved too."""
+        seen = latin_skeleton(name)
+        if seen.isdigit() or seen in SPEAKER_NAMES:
             return "an OpenAI voice name or a speaker id"
-        if ID_PATTERN.match(name) is not None:
+        if ID_PATTERN.match(seen) is not None:
             return "a voice id"
-        if name.casefold() == DEFAULT:
+        if seen == DEFAULT:
             return "the name of the server's default voice"
-        if name.casefold() in self.aliases:
+        if any(latin_skeleton(alias) == seen for alias in self.aliases):
             return "a name mapped by CSM_VOICE_MAP"
         return None
 
     def check_new(self, name: str, transcript: str, speaker_id: int, settings: Settings) -> tuple[str, str]:
-        """A new voice's name and transcript, stripped, checked as every way of adding one checks them.
-        Raises :class:`InvalidRequest` (a bad field) or :class:`Conflict` (the name is reserved or taken).
-        The transcript may be empty (no words known: the voice follows its clip less closely)."""
-        name, transcript = name.strip(), transcript.strip()
+        """A new voice's name (:func:`~csmserve.voices.normalise_name`: NFKC, stripped) and transcript
+        (stripped), checked as every way of adding one checks them. Raises :class:`InvalidRequest` (a
+        bad field: invisible characters or look-alike scripts mixed in the name included) or
+        :class:`Conflict` (the name is reserved or taken). The transcript may be empty (no words known:
+        the voice follows its clip less closely)."""
+        name, transcript = normalise_name(name), transcript.strip()
         if not name or len(name) > MAX_NAME_CHARS:
             raise InvalidRequest(f"name must be 1 to {MAX_NAME_CHARS} characters", "name")
         if len(transcript) > settings.max_text_chars:
@@ -141,7 +148,7 @@ class VoiceBook:
         why = self.reserved(name)
         if why is not None:
             raise Conflict(f"{name!r} is reserved ({why}); pick another name")
-        if any(voice.name.casefold() == name.casefold() for voice in self.store.list()):
+        if any(same_name(voice.name, name) for voice in self.store.list()):
             raise Conflict(f"a voice named {name!r} exists already; pick another name or delete it first")
         return name, transcript
 

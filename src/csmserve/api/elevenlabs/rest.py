@@ -78,6 +78,8 @@ class Speech:
     ):
         self.state, self.voice, self.text, self.output = state, voice, text, output
         self.seed, self.previous, self.normalize = seed, previous, normalize
+        #: The stream's figures (the streamed response is paced by them).
+        self.stats = state.speech.stats()
 
     def _context(self) -> tuple[Turn, ...]:
         """``previous_text`` as a text-only turn of the speaker (a registered voice's own speaker id)."""
@@ -90,7 +92,7 @@ class Speech:
         """The audio as it is generated; raises :class:`CsmServeError`. Admission, deadline and
         disconnects are the caller's (:mod:`csmserve.server.streaming`); closing this closes the engine's stream."""
         speech = self.state.speech
-        audio = speech.sentences(output_sink(self.output, speech.stats(), self.state.settings.default_chunk_ms))
+        audio = speech.sentences(output_sink(self.output, self.stats, self.state.settings.default_chunk_ms))
         aligner = StreamAligner(self.output)
         for i, sentence in enumerate(spoken_sentences(self.text, self.normalize)):
             context = self._context() if i == 0 else ()
@@ -154,7 +156,7 @@ async def respond(voice_id: str, request: Request, *, streamed: bool, timestamps
     if streamed:
         body = timed_lines(speech) if timestamps else audio_bytes(speech)
         media_type = "application/x-ndjson" if timestamps else speech.output.media_type
-        return await guarded_stream(speech.state, ENDPOINT, body, media_type, error_response)
+        return await guarded_stream(speech.state, ENDPOINT, body, media_type, error_response, speech.stats)
     return await whole_file(request, speech, timestamps)
 
 

@@ -10,8 +10,9 @@ the engine before its next frame.
 
 The rules of ``/ws/generate`` apply, from the same code (:mod:`csmserve.server.ws`): Origin and key
 checks (``admit``; the key may also come as the ``xi-api-key`` header, the ``authorization`` query
-parameter or the first message's ``xi_api_key``); a socket without one must send it within
-``auth_timeout_s``, and at most ``max_unauthenticated`` wait; one admission slot per generating
+parameter or the first message's ``xi_api_key``); a socket without one must send it in its first
+frame, by ``auth_timeout_s`` after accept, before the voice is looked up, and at most
+``max_unauthenticated`` wait; one admission slot per generating
 sentence (``Admission.enter``/``leave``; refused: an error and close 1013); the lag-limited send (a
 client that stops reading is cut and its generation cancelled); the message size limit in bytes; the
 request deadline; ``max_stream_chars`` per context and at most ``max_contexts_per_connection``
@@ -169,7 +170,7 @@ class ContextRunner:
         if not self.stopped:
             tail = b"".join(audio.finish())
             if tail:
-                await conn.socket.send_json(self.message(tail, self.aligner.chunk(tail)))
+                await conn.socket.send_json(self.message(tail, self.aligner.chunk(tail)), audio.stats)
         self.count("cancelled" if self.stopped else "ok")
         await conn.socket.send_json(final_message(self.context_id))
         conn.session.ended(self.context)
@@ -192,7 +193,7 @@ class ContextRunner:
             with deadline(conn.settings.request_timeout_s):
                 async with contextlib.aclosing(audio.speak(request)) as chunks:
                     async for chunk in chunks:  # closed on any exit: the engine stops generating
-                        await conn.socket.send_json(self.message(chunk, self.aligner.chunk(chunk)))
+                        await conn.socket.send_json(self.message(chunk, self.aligner.chunk(chunk)), audio.stats)
         except CsmServeError as exc:
             failure = exc
         except (CloseConnection, WebSocketDisconnect, OSError):
@@ -209,7 +210,7 @@ class ContextRunner:
             await conn.socket.send_json(message)
             return
         cut = b"".join(audio.cut())
-        await conn.socket.send_json(self.message(cut, self.aligner.chunk(cut, last=True)))
+        await conn.socket.send_json(self.message(cut, self.aligner.chunk(cut, last=True)), audio.stats)
 
 
 class ElevenLabsConnection:
@@ -242,14 +243,7 @@ class ElevenLabsConnection:
 
     async def receive_message(self) -> dict:
         """The next frame; after ``inactivity_timeout`` s without one while nothing is being spoken,
-        ElevenLabs' input_timeout_exceeded error and close 1008. A socket still without its key has
-        ``auth_timeout_s`` for its first frame (as on ``/ws/generate``), not the inactivity timeout."""
-        if not self.socket.authenticated:
-            message = await self.socket.receive(self.settings.auth_timeout_s)
-            if message is None:
-                no_key = Unauthorized("no API key in time: the xi-api-key header or xi_api_key")
-                await self.refuse(no_key, "no API key in time", "invalid_api_key")
-            return message
+        ElevenLabs' input_timeout_exceeded error and close 1008."""
         while True:
             message = await self.socket.receive(self.query.inactivity_timeout_s)
             if message is not None:
@@ -266,7 +260,10 @@ class ElevenLabsConnection:
             )
             raise CloseConnection(POLICY_VIOLATION, "input timeout exceeded")
 
-    async def receive_loop(self) -> None:
+    async def receive_loop(self, first: str | bytes | None = None) -> None:
+        """Handle ``first`` (the frame that carried the key, if the key came in one), then every frame."""
+        if first is not None and await self.handle(first):
+            return
         while True:
             message = await self.receive_message()
             if message["type"] == "websocket.disconnect":
@@ -276,14 +273,15 @@ class ElevenLabsConnection:
             except MessageTooLarge as exc:
                 await self.socket.send_json(error_message(exc.code, exc.message))
                 continue
-            if not self.socket.authenticated and not self.socket.accept_key(key_of(raw)):
-                no_key = Unauthorized("an API key is required: the xi-api-key header or xi_api_key")
-                await self.refuse(no_key, "unauthorized", "invalid_api_key")
-            refusal = self.socket.refusal()
-            if refusal is not None:
-                await self.refuse(refusal, "draining")
-            if await self.apply(self.session.handle(raw)):
+            if await self.handle(raw):
                 return
+
+    async def handle(self, raw: str | bytes) -> bool:
+        """One frame; True once the socket is to close."""
+        refusal = self.socket.refusal()
+        if refusal is not None:
+            await self.refuse(refusal, "draining")
+        return await self.apply(self.session.handle(raw))
 
     async def apply(self, actions: Actions) -> bool:
         """Carry out ``actions``; True once the socket is to close (after every context ended)."""
@@ -318,7 +316,27 @@ class ElevenLabsConnection:
         return [r.task for r in runners]
 
 
+async def first_frame(socket: Socket) -> str | bytes | CsmServeError | None:
+    """The first frame of a socket without a key, which must carry it (``xi_api_key``, ``xi-api-key``
+    or ``authorization``) by ``auth_timeout_s`` after accept: the frame once its key is valid, the
+    error to refuse the socket with, or None when the client went away."""
+    message = await socket.receive(socket.auth_remaining())
+    if message is None:
+        return Unauthorized("no API key in time: the xi-api-key header or xi_api_key")
+    if message["type"] == "websocket.disconnect":
+        return None
+    try:
+        raw = socket.payload(message)
+    except MessageTooLarge as exc:
+        return Unauthorized(f"the first message must carry the API key; {exc.message}")
+    if not socket.accept_key(key_of(raw)):
+        return Unauthorized("an API key is required: the xi-api-key header or xi_api_key")
+    return raw
+
+
 async def serve(websocket: WebSocket, voice_id: str, multi: bool) -> None:
+    """Admit, authenticate (before the voice is looked up: a stranger learns nothing about voices),
+    resolve the voice, then run the connection."""
     state = state_of(websocket)
     socket = await accept(websocket, state)
     if socket is None:
@@ -335,18 +353,28 @@ async def serve(websocket: WebSocket, voice_id: str, multi: bool) -> None:
         # ElevenLabs' documented query parameter (a browser cannot set headers): "Bearer <key>" or the key.
         if not socket.accept_key(key_of_authorization(websocket.query_params["authorization"])):
             return await refuse("invalid_api_key", "the API key is not valid", Unauthorized.ws_close_code)
-    try:
-        query = parse_query(websocket.query_params)
-    except InvalidRequest as exc:
-        return await refuse("invalid_request", exc.message, POLICY_VIOLATION)
-    voice = voice_of(voice_id, state.voices, state.settings)
-    if voice is None:
-        return await refuse("voice_not_found", voice_not_found(voice_id), POLICY_VIOLATION)
     full = socket.wait_for_key()
     if full is not None:
         return await refuse("overloaded", full.message, full.ws_close_code)
-    connection = ElevenLabsConnection(socket, query, voice, multi)
-    await socket.serve([connection.receive_loop()], children=connection.still_speaking)
+    try:
+        first = None
+        if not socket.authenticated:
+            first = await first_frame(socket)
+            if first is None:
+                return
+            if isinstance(first, CsmServeError):
+                return await refuse("invalid_api_key", first.message, first.ws_close_code)
+        try:
+            query = parse_query(websocket.query_params)
+        except InvalidRequest as exc:
+            return await refuse("invalid_request", exc.message, POLICY_VIOLATION)
+        voice = voice_of(voice_id, state.voices, state.settings)
+        if voice is None:
+            return await refuse("voice_not_found", voice_not_found(voice_id), POLICY_VIOLATION)
+        connection = ElevenLabsConnection(socket, query, voice, multi)
+        await socket.serve([connection.receive_loop(first)], children=connection.still_speaking)
+    finally:
+        socket.release()
 
 
 @router.websocket("/v1/text-to-speech/{voice_id}/multi-stream-input")

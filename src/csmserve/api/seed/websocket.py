@@ -95,12 +95,12 @@ class Connection:
 
     # -- receiving ------------------------------------------------------------------------------
     async def receive(self) -> dict:
-        """The next message; while nothing is queued or streaming, a stranger gets ``auth_timeout_s``
-        to send its key and a client ``idle_timeout_s``."""
+        """The next message; while nothing is queued or streaming, a stranger has until
+        ``auth_timeout_s`` after accept to send its key, and a client ``idle_timeout_s``."""
         if self.session.current is not None or self.session.pending:
             return await self.socket.receive()
         if not self.socket.authenticated:
-            message = await self.socket.receive(self.settings.auth_timeout_s)
+            message = await self.socket.receive(self.socket.auth_remaining())
             if message is None:
                 raise CloseConnection.because(Unauthorized("no API key in time"), "no API key in time")
             return message
@@ -142,6 +142,8 @@ class Connection:
             try:
                 raw = self.socket.payload(message)
             except MessageTooLarge as exc:
+                if not self.socket.authenticated:  # a stranger's first frame must be its key
+                    await self.refuse(Unauthorized(f"the first message must carry the API key; {exc.message}"), "unauthorized")
                 await self.send_json(failure_event(exc, None))
                 continue
             if not self.socket.authenticated and await self.authenticate(raw):
@@ -210,7 +212,7 @@ class Connection:
             await self.send_json(done_event(request.request_id, context_id=stream.context_id, audio_ms=0))
             return
         for item in stream.audio.finish():
-            await self.socket.send(item)
+            await self.socket.send(item, stream.audio.stats)
         self.state.metrics.finished(ENDPOINT, "ok", stream.audio.stats)
         self.end_access(job, "ok")
         await self.send_json(
@@ -240,7 +242,7 @@ class Connection:
             with deadline(self.settings.request_timeout_s):
                 async with contextlib.aclosing(items) as frames:
                     async for item in frames:  # closed on any exit: the engine stops generating
-                        await self.socket.send(item)
+                        await self.socket.send(item, sink.stats)  # paced by what the client took
         except Overloaded as exc:
             self.state.metrics.finished(ENDPOINT, "rejected")
             self.end_access(job, "rejected")

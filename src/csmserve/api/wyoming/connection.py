@@ -7,14 +7,23 @@ so its requests share the engine's batch with every other route, under the same 
 * admission: one stream slot per generation (``Admission.enter``/``leave``: a full or draining server
   answers Wyoming's ``error`` with code ``overloaded``), at most ``max_connections`` connections;
 * the request deadline (``request_timeout_s``) around each generation;
-* a client that reads nothing for ``max_lag_s`` is cut (``csm_slow_clients_total``), one that goes away
-  (end of stream) cancels its generation before the engine's next frame;
+* pacing (:mod:`csmserve.server.pacing`): audio runs at most ``max_lead_s`` ahead of what the client's
+  TCP acknowledged (the connection's transport is a
+  :class:`~csmserve.server.serving.ConnectionTransport`, as HTTP's and WebSockets' are); a client that
+  takes nothing for ``max_lag_s`` is cut (``csm_slow_clients_total``), one that goes away (end of
+  stream) cancels its generation before the engine's next frame;
+* a deadline for every phase: the first event must begin within ``header_timeout_s`` of connecting,
+  and every event must arrive whole within ``header_timeout_s`` of its first byte (Wyoming's headers:
+  a trickled event cannot hold a connection); then a connection with nothing to do for
+  ``idle_timeout_s`` is closed; output not taken ``max_lag_s`` after close is dropped;
 * events bounded by ``max_message_bytes``, text by ``max_text_chars`` (one ``synthesize``) and
   ``max_stream_chars`` (one stream), requests queued per connection by ``max_pending_per_connection``;
-  a connection with nothing to do for ``idle_timeout_s`` is closed;
 * metrics under the endpoint ``wyoming``, and one access line per request.
 
-Wyoming has no authentication: the port is for a trusted network (loopback by default).
+Wyoming has no authentication: the port is for a trusted network (loopback by default). No ``Host``
+rule applies (the protocol has no host name), and none is needed against DNS rebinding: a browser can
+only send HTTP, whose first line is not the JSON object every Wyoming event starts with, so the
+connection is refused on it.
 """
 
 from __future__ import annotations
@@ -35,10 +44,12 @@ from csmserve.api.wyoming.messages import RATE, AudioOut, error_event
 from csmserve.api.wyoming.session import Failure, Job, Sentence, StreamEnd, TextStream, Utterance, WyomingSession
 from csmserve.api.wyoming.wire import read_event
 from csmserve.audio.formats import make_encoder
-from csmserve.errors import CsmServeError, GenerationFailed, InvalidRequest, Overloaded
+from csmserve.errors import ClientTooSlow, CsmServeError, GenerationFailed, InvalidRequest, Overloaded
 from csmserve.logs import request_id as current_request_id
 from csmserve.server.access import AccessLine
 from csmserve.server.deadline import deadline
+from csmserve.server.pacing import Pacer
+from csmserve.server.serving import ConnectionTransport
 from csmserve.server.state import ServerState
 from csmserve.server.streaming import ClientGone, outcome_of
 from csmserve.speech import AudioSink, StreamStats
@@ -67,6 +78,11 @@ class Connection:
         self.current: Job | None = None
         self.wake = asyncio.Event()
         self.write_lock = asyncio.Lock()
+        transport = writer.transport
+        delivery = transport if isinstance(transport, ConnectionTransport) else None
+        self.pacer = Pacer(delivery, self.settings.max_lead_s, self.settings.max_lag_s)
+        #: Whether a whole event has arrived yet (until then the header deadline applies, not the idle one).
+        self.heard = False
         #: When the client last sent an event or a job ended (loop time): idleness counts from there.
         self.active_at = asyncio.get_running_loop().time()
 
@@ -105,20 +121,25 @@ class Connection:
         return self.current is not None or bool(self.jobs)
 
     async def receive_loop(self) -> None:
-        """Read events until the client leaves (returns) or has nothing to do for ``idle_timeout_s``;
-        replies go out at once, jobs queue. A read is never cancelled halfway (the framing would be lost)."""
+        """Read events until the client leaves (returns) or has nothing to do for ``idle_timeout_s``
+        (before its first event: ``header_timeout_s``); replies go out at once, jobs queue. A read is
+        never cancelled halfway (the framing would be lost)."""
         read: asyncio.Future | None = None
         loop = asyncio.get_running_loop()
+        settings = self.settings
         try:
             while True:
                 if read is None:
-                    read = asyncio.ensure_future(read_event(self.reader, self.settings.max_message_bytes))
-                idle_left = self.active_at + self.settings.idle_timeout_s - loop.time()
+                    read = asyncio.ensure_future(
+                        read_event(self.reader, settings.max_message_bytes, settings.header_timeout_s)
+                    )
+                idle_s = settings.idle_timeout_s if self.heard else settings.header_timeout_s
+                idle_left = self.active_at + idle_s - loop.time()
                 # While busy, look again after a whole timeout: the idle time counts from the last job's end.
-                done, _ = await asyncio.wait({read}, timeout=self.settings.idle_timeout_s if self.busy() else idle_left)
+                done, _ = await asyncio.wait({read}, timeout=idle_s if self.busy() else idle_left)
                 if not done:
-                    if not self.busy() and self.active_at + self.settings.idle_timeout_s <= loop.time():
-                        return  # idle: close
+                    if not self.busy() and self.active_at + idle_s <= loop.time():
+                        return  # idle (or silent since connecting): close
                     continue
                 try:
                     event = read.result()
@@ -129,7 +150,7 @@ class Connection:
                 read = None
                 if event is None:
                     return  # the client went away: serve() cancels its generation
-                self.active_at = loop.time()
+                self.active_at, self.heard = loop.time(), True
                 actions = self.session.handle(event)
                 if actions.replies:
                     await self.send(actions.replies)
@@ -172,21 +193,27 @@ class Connection:
         return job if isinstance(job, Utterance) else None
 
     # -- sending ------------------------------------------------------------------------------------
-    async def send(self, events: list[Event]) -> None:
+    async def send(self, events: list[Event], paced: StreamStats | None = None) -> None:
         """Write ``events`` in order; a client that takes none of them for ``max_lag_s`` is cut
-        (:class:`ClientGone`, which ends the connection and its generation)."""
-        async with self.write_lock:
-            try:
+        (:class:`ClientGone`, which ends the connection and its generation). ``paced``: the events carry
+        audio of the stream these figures count, and wait until the client has taken all but
+        ``max_lead_s`` of it (:class:`~csmserve.server.pacing.Pacer`; replies are not held meanwhile)."""
+        try:
+            if paced is not None:
+                await self.pacer.wait(paced)
+            async with self.write_lock:
                 with anyio.fail_after(self.settings.max_lag_s):
                     for event in events:
                         await async_write_event(event, self.writer)
-            except TimeoutError:
-                self.state.metrics.slow_clients.inc()
-                log.warning("wyoming: cut a client that read nothing for %g s", self.settings.max_lag_s)
-                self.writer.transport.abort()
-                raise ClientGone("client reads too slowly") from None
-            except ConnectionError as exc:
-                raise ClientGone("the client went away") from exc
+                if paced is not None:
+                    self.pacer.sent(paced)
+        except (TimeoutError, ClientTooSlow):
+            self.state.metrics.slow_clients.inc()
+            log.warning("wyoming: cut a client that read nothing for %g s", self.settings.max_lag_s)
+            self.writer.transport.abort()
+            raise ClientGone("client reads too slowly") from None
+        except ConnectionError as exc:
+            raise ClientGone("the client went away") from exc
 
     async def send_loop(self) -> None:
         while True:
@@ -257,8 +284,11 @@ class Connection:
     def sink(self) -> AudioSink:
         return AudioSink(make_encoder("pcm_s16le", RATE), self.state.speech.stats())
 
-    async def speak(self, owner: Utterance | TextStream, items: AsyncIterator[bytes | str], out: AudioOut) -> None:
-        """Send one generation's audio as it comes, in a stream slot and under the request deadline."""
+    async def speak(
+        self, owner: Utterance | TextStream, items: AsyncIterator[bytes | str], out: AudioOut, stats: StreamStats
+    ) -> None:
+        """Send one generation's audio as it comes (paced by ``stats``, the stream's figures), in a
+        stream slot and under the request deadline."""
         try:
             self.state.admission.enter(ENDPOINT)
         except Overloaded:  # full or draining; counted by Admission
@@ -268,7 +298,7 @@ class Connection:
             with deadline(self.settings.request_timeout_s):
                 async with contextlib.aclosing(items) as pieces:  # closed on any exit: the engine stops
                     async for pcm in pieces:
-                        await self.send(out.chunk(pcm))
+                        await self.send(out.chunk(pcm), stats)
         finally:
             self.state.admission.leave()
 
@@ -277,7 +307,7 @@ class Connection:
         job.access.chars = len(job.request.text)
         job.access.stats = sink.stats
         if job.request.text.strip():  # blank text: an empty stream, as other Wyoming servers answer it
-            await self.speak(job, self.state.speech.stream(job.request, sink), job.out)
+            await self.speak(job, self.state.speech.stream(job.request, sink), job.out, sink.stats)
         await self.send(job.out.stop())
         self.finish(job, "ok")
 
@@ -287,7 +317,7 @@ class Connection:
             stream.speech = self.state.speech.sentences(self.sink())
             stream.access.stats = stream.speech.stats
         stream.access.chars = stream.chars
-        await self.speak(stream, stream.speech.speak(stream.request(job.text)), stream.out)
+        await self.speak(stream, stream.speech.speak(stream.request(job.text)), stream.out, stream.speech.stats)
 
     async def end_stream(self, stream: TextStream) -> None:
         """The rest of the stream's audio, ``audio-stop`` (if any audio started) and ``synthesize-stopped``."""
@@ -298,7 +328,7 @@ class Connection:
                 events += stream.out.chunk(pcm)
         if stream.out.started:
             events += stream.out.stop()
-        await self.send([*events, SynthesizeStopped().event()])
+        await self.send([*events, SynthesizeStopped().event()], stream.speech.stats if stream.speech else None)
         self.finish(stream, "ok")
 
 
@@ -312,6 +342,19 @@ def loopback(host: str) -> bool:
         return False  # a name: it may resolve to anything
 
 
+class MeteredStreamProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol (what ``asyncio.start_server`` builds) over a
+    :class:`~csmserve.server.serving.ConnectionTransport`: the connection's delivery for pacing, and a
+    close that drops output not taken within ``linger_s``."""
+
+    def __init__(self, reader: asyncio.StreamReader, connected, linger_s: float):
+        super().__init__(reader, connected)
+        self._linger_s = linger_s
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(ConnectionTransport(transport, self._linger_s))  # type: ignore[arg-type]
+
+
 class WyomingServer:
     """The Wyoming port of one app (``state``), on the running event loop: :meth:`start`, :meth:`close`."""
 
@@ -323,9 +366,13 @@ class WyomingServer:
 
     async def start(self) -> None:
         """Listen (``port`` 0: any free port, then :attr:`port` is the one chosen)."""
-        self._server = await asyncio.start_server(
-            self._connected, self.host, self.port, limit=self.state.settings.max_message_bytes
-        )
+        settings = self.state.settings
+
+        def protocol() -> MeteredStreamProtocol:  # asyncio.start_server's, on a metered transport
+            reader = asyncio.StreamReader(limit=settings.max_message_bytes)
+            return MeteredStreamProtocol(reader, self._connected, settings.max_lag_s)
+
+        self._server = await asyncio.get_running_loop().create_server(protocol, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("wyoming: listening on tcp://%s:%d", self.host, self.port)
         if not loopback(self.host):

@@ -3,8 +3,9 @@
 
 The ``wyoming`` package's reader trusts both lengths (a client could announce gigabytes); this one
 refuses an event larger than ``max_bytes`` before reading it. The header line is bounded by the
-stream reader's ``limit`` (``asyncio.start_server(limit=...)``). Events are written with the package's
-own writer (``wyoming.event.async_write_event``).
+stream reader's ``limit`` (``asyncio.StreamReader(limit=...)``). Once its first byte has come, an event
+must arrive whole within ``within_s`` (a client cannot hold a connection by trickling one). Events are
+written with the package's own writer (``wyoming.event.async_write_event``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import anyio
 from wyoming.event import Event
 
 from csmserve.errors import InvalidRequest, MessageTooLarge
@@ -38,13 +40,25 @@ def _json_object(raw: bytes, what: str) -> dict:
     return value
 
 
-async def read_event(reader: asyncio.StreamReader, max_bytes: int) -> Event | None:
+async def read_event(reader: asyncio.StreamReader, max_bytes: int, within_s: float | None = None) -> Event | None:
     """The next event, or None when the client has gone (end of stream, even mid-event). Raises
     :class:`MessageTooLarge` for a header line past the reader's limit or a length past ``max_bytes``,
-    :class:`InvalidRequest` for an event that is not Wyoming's framing. Safe to cancel (the stream is
-    then out of step: close it)."""
+    :class:`InvalidRequest` for an event that is not Wyoming's framing or that does not arrive whole
+    within ``within_s`` of its first byte (None: no limit). Waiting for the first byte has no limit
+    here (the caller's idle rule). Safe to cancel (the stream is then out of step: close it)."""
+    first = await reader.read(1)
+    if not first:
+        return None
     try:
-        line = await reader.readline()
+        with anyio.fail_after(within_s):
+            return await _rest_of_event(reader, first, max_bytes)
+    except TimeoutError:
+        raise InvalidRequest(f"an event must arrive whole within {within_s:g} s of its first byte") from None
+
+
+async def _rest_of_event(reader: asyncio.StreamReader, first: bytes, max_bytes: int) -> Event | None:
+    try:
+        line = first if first == b"\n" else first + await reader.readline()
     except ValueError:  # asyncio's LimitOverrunError, as readline reports it
         raise MessageTooLarge(f"an event's header line is limited to {max_bytes} bytes") from None
     if not line.endswith(b"\n"):
