@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+import uuid
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -36,18 +37,17 @@ class ContextTurn:
     audio: np.ndarray | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Continuation:
-    """What one audio stream carries from one generation to the next (text streamed sentence by
-    sentence): the previous sentence as context, and the engine's own state, so the sentences sound
-    like one voice and join without a seam. Owned by one stream; mutable; freed with it.
+    """Names one audio stream spoken in several requests (text streamed sentence by sentence), so the
+    sentences sound like one voice and join without a seam.
 
-    ``engine_state`` is opaque outside the engine that wrote it: the CSM engine saves its codec row's
-    streaming state there when a request leaves its row (restored into whichever row the next request
-    gets); the fake engine, its tone's frame count."""
+    Plain data: what carries over (the previous sentence as context, the codec's streaming state) stays
+    inside the engine under ``id``, wherever the engine runs. The stream's owner calls
+    :meth:`Engine.release` when the stream ends; an engine also forgets the least recently used ones
+    beyond a bound, so a stream that vanishes without releasing costs nothing for long."""
 
-    previous: ContextTurn | None = None
-    engine_state: Any = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,10 @@ class Engine(Protocol):
 
     async def encode(self, audio: np.ndarray) -> np.ndarray:
         """Codec codes ``(frames, 32)`` for mono float32 audio at ``sample_rate`` (voices)."""
+
+    def release(self, continuation: Continuation) -> None:
+        """Forget what ``continuation``'s stream carried (it ended). Safe to call from the event loop,
+        more than once, and for a continuation the engine never saw."""
 
     def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
         """Audio for ``request`` as float32 mono pieces at ``sample_rate``, each yielded as soon as
