@@ -8,9 +8,9 @@ that was chosen.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-import uuid
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -141,7 +141,37 @@ class Engine(Protocol):
 
 
 def create_engine(settings: Settings) -> Engine:
-    """The engine ``settings.engine`` names, not yet started."""
+    """The engine ``settings`` ask for, not yet started: in this process, in an engine process of its own
+    (one per GPU), or the engine process an API worker connects to (``engine_address``)."""
+    if settings.engine_address:
+        from csmserve.engine.client import EngineClient, EngineGroup
+
+        clients = [EngineClient(settings, address) for address in settings.engine_address.split(",")]
+        return clients[0] if len(clients) == 1 else EngineGroup(clients)
+    if not settings.uses_engine_process():
+        return create_local_engine(settings)
+    from csmserve.engine.client import EngineGroup, ProcessEngine
+
+    devices = engine_devices(settings)
+    if len(devices) == 1:
+        return ProcessEngine(settings, device=devices[0])
+    return EngineGroup([ProcessEngine(settings, device=device) for device in devices])
+
+
+def engine_devices(settings: Settings) -> list[str | None]:
+    """The GPUs to run one engine process each on (``None``: whatever the process sees, e.g. a CPU)."""
+    count = settings.gpus
+    if count is None:
+        if settings.engine != "csm":
+            return [None]
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [str(index) for index in range(count)] or [None]
+
+
+def create_local_engine(settings: Settings) -> Engine:
+    """The engine ``settings.engine`` names, in this process (its model thread beside the event loop)."""
     if settings.engine == "fake":
         from csmserve.engine.fake import FakeEngine
 

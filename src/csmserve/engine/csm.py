@@ -285,6 +285,11 @@ class CsmEngine:
     def capacity(self) -> Capacity:
         return self._worker.capacity()
 
+    @property
+    def worker(self) -> ModelWorker:
+        """The model thread (an engine process bridges to it)."""
+        return self._worker
+
     # -- worker thread ------------------------------------------------------------------------
     def _load(self) -> None:
         from csmserve.engine.loading import require_csm

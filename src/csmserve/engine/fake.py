@@ -62,6 +62,11 @@ class FakeEngine:
     def capacity(self) -> Capacity:
         return self._worker.capacity()
 
+    @property
+    def worker(self) -> ModelWorker:
+        """The model thread (an engine process bridges to it)."""
+        return self._worker
+
     def num_frames(self, request: SynthesisRequest) -> int:
         return max(1, min(request.max_audio_ms // FRAME_MS, 2 + len(request.text) // 4))
 
