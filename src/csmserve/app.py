@@ -2,7 +2,8 @@
 
 The top of the layers: the only module that imports the API packages (``csmserve.api.<name>.routes``),
 over the shared rule of :mod:`csmserve.server` and the speech layer (``[tool.importlinter]``).
-The server listens while the model loads (``/health`` says ``loading`` with 503) and reports
+With ``CSM_WYOMING_PORT`` set, the lifespan also runs the Wyoming port (Home Assistant) on the same
+event loop and engine; :func:`serve_wyoming` runs it alone (``csmserve wyoming``). The server listens while the model loads (``/health`` says ``loading`` with 503) and reports
 ``healthy`` once the engine is ready. A load failure is logged with its actionable message and
 handed to ``on_load_failed`` (the CLI uses it to exit non-zero).
 """
@@ -25,6 +26,8 @@ from csmserve.api.elevenlabs import routes as elevenlabs
 from csmserve.api.openai import routes as openai
 from csmserve.api.seed import routes as seed
 from csmserve.api.voices import routes as voices
+from csmserve.api.wyoming.connection import DEFAULT_PORT as WYOMING_PORT
+from csmserve.api.wyoming.connection import WyomingServer
 from csmserve.config import Settings
 from csmserve.engine import Engine, create_engine
 from csmserve.errors import CsmServeError
@@ -68,8 +71,11 @@ def build_state(settings: Settings, engine: Engine) -> ServerState:
     return state
 
 
-async def load(state: ServerState, on_load_failed: Callable[[CsmServeError], None] | None) -> None:
-    """Start the engine; a failure is recorded (``/health`` says it), logged and handed to ``on_load_failed``."""
+async def load(
+    state: ServerState, on_load_failed: Callable[[CsmServeError], None] | None, ready_url: str | None = None
+) -> None:
+    """Start the engine; a failure is recorded (``/health`` says it), logged and handed to ``on_load_failed``.
+    Success logs ``ready`` with ``ready_url`` (default: the WebSocket URL)."""
     try:
         await state.engine.start()
     except Exception as exc:  # noqa: BLE001 - reported, and the server says so on /health
@@ -84,7 +90,7 @@ async def load(state: ServerState, on_load_failed: Callable[[CsmServeError], Non
         if on_load_failed:
             on_load_failed(error)
     else:
-        log.info("ready: ws://%s:%s/ws/generate", state.settings.host, state.settings.port)
+        log.info("ready: %s", ready_url or f"ws://{state.settings.host}:{state.settings.port}/ws/generate")
 
 
 def build_app(state: ServerState, on_load_failed: Callable[[CsmServeError], None] | None = None) -> FastAPI:
@@ -93,10 +99,16 @@ def build_app(state: ServerState, on_load_failed: Callable[[CsmServeError], None
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state.decoders = anyio.CapacityLimiter(DECODE_THREADS)
+        wyoming = None
+        if state.settings.wyoming_port is not None:  # on this loop and engine: its requests join the batch
+            wyoming = app.state.wyoming = WyomingServer(state, state.settings.wyoming_host, state.settings.wyoming_port)
+            await wyoming.start()
         tasks = [asyncio.create_task(load(state, on_load_failed)), asyncio.create_task(state.watchdog.run())]
         try:
             yield
         finally:
+            if wyoming is not None:
+                await wyoming.close()
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -141,3 +153,36 @@ def create_app(
             "no API keys configured (CSM_API_KEYS): anyone who can reach this port can use the model"
         )
     return build_app(state, on_load_failed)
+
+
+async def serve_wyoming(
+    settings: Settings, engine: Engine | None = None, stop: asyncio.Event | None = None
+) -> CsmServeError | None:
+    """``csmserve wyoming``: the Wyoming port alone, no HTTP (``CSM_WYOMING_PORT``, default 10200), until
+    ``stop`` is set (the CLI sets it on SIGTERM or SIGINT) or the model fails to load. Then nothing new is
+    admitted and streams in flight get ``drain_timeout_s`` to finish. Returns the load error, if any."""
+    state = build_state(settings, engine or create_engine(settings))
+    stop = stop or asyncio.Event()
+    failure: list[CsmServeError] = []
+
+    def load_failed(error: CsmServeError) -> None:
+        failure.append(error)
+        stop.set()
+
+    port = settings.wyoming_port if settings.wyoming_port is not None else WYOMING_PORT
+    server = WyomingServer(state, settings.wyoming_host, port)
+    await server.start()
+    loading = asyncio.create_task(load(state, load_failed, ready_url=f"tcp://{server.host}:{server.port}"))
+    try:
+        await stop.wait()
+        state.admission.draining = True
+        drained = asyncio.get_running_loop().time() + settings.drain_timeout_s
+        while state.admission.active > 0 and asyncio.get_running_loop().time() < drained:
+            await asyncio.sleep(0.05)
+    finally:
+        loading.cancel()
+        with contextlib.suppress(BaseException):
+            await loading
+        await server.close()
+        await state.engine.close()
+    return failure[0] if failure else None

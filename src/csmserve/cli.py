@@ -1,4 +1,4 @@
-"""``csmserve serve | say | make-tiny-model``. Every ``serve`` flag is also a ``CSM_*`` variable.
+"""``csmserve serve | wyoming | say | make-tiny-model``. Every ``serve`` flag is also a ``CSM_*`` variable.
 
 Imports nothing heavy before a command runs: ``csmserve --help`` does not load torch.
 """
@@ -61,20 +61,51 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def configured(args: argparse.Namespace) -> Settings | None:
+    """The settings a server command runs with (flags over ``CSM_*``), logging set up by them; None
+    (said on stderr) when they are invalid."""
     from pydantic import ValidationError
 
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
-        return 2
+        return None
     from csmserve.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = configured(args)
+    if settings is None:
+        return 2
     from csmserve.processes import serve
 
     return serve(settings)
+
+
+def cmd_wyoming(args: argparse.Namespace) -> int:
+    """The Wyoming port alone (Home Assistant), on the engine ``serve`` would load, until SIGTERM/SIGINT."""
+    import signal
+
+    settings = configured(args)
+    if settings is None:
+        return 2
+    from csmserve.app import serve_wyoming
+
+    async def run():
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        return await serve_wyoming(settings, stop=stop)
+
+    failure = asyncio.run(run())
+    if failure is not None:
+        print(f"error: {failure.message}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
+    return 0
 
 
 def server_health(ws_url: str) -> dict | None:
@@ -162,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the server", allow_abbrev=False)
     add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
+
+    wyoming = sub.add_parser(
+        "wyoming", allow_abbrev=False,
+        help="serve only Wyoming, for Home Assistant (CSM_WYOMING_HOST:CSM_WYOMING_PORT, 127.0.0.1:10200 by default)",
+    )
+    add_settings_flags(wyoming)
+    wyoming.set_defaults(func=cmd_wyoming)
 
     say = sub.add_parser("say", help="stream speech from a running server into a WAV file")
     say.add_argument("text")

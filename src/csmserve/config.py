@@ -135,6 +135,19 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     log_format: Literal["text", "json"] = Field("text", description="text, or one JSON object per line.")
+    wyoming_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description=(
+            "Also serve Wyoming (Home Assistant's text-to-speech protocol) on this port, from the same engine. "
+            "Unset: off (`csmserve wyoming` alone listens on 10200). Wyoming has no authentication."
+        ),
+    )
+    wyoming_host: str = Field(
+        "127.0.0.1",
+        description="Address the Wyoming port listens on: loopback by default, as it has no authentication.",
+    )
 
     # Security
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(

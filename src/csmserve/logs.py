@@ -151,6 +151,8 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None),
         }
+        if hasattr(record, "access"):  # an access line's fields (csmserve.server.access)
+            entry["access"] = record.access
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -152,9 +152,9 @@ def serve_workers(settings: Settings, workers: int) -> int:
     processes: list[multiprocessing.Process] = []
 
     def start_worker(index: int) -> multiprocessing.Process:
-        process = context.Process(
-            target=api_worker, args=(worker_settings.model_dump_json(), [sock]), name=f"csmserve-api-{index}"
-        )
+        # One Wyoming listener (Home Assistant's port) for the whole server: the first worker's.
+        own = worker_settings if index == 0 else worker_settings.model_copy(update={"wyoming_port": None})
+        process = context.Process(target=api_worker, args=(own.model_dump_json(), [sock]), name=f"csmserve-api-{index}")
         process.start()
         return process
 

@@ -67,6 +67,35 @@ async def test_g711_output_is_8khz_and_decodes_to_the_audio(fake_server, law, de
     assert np.max(np.abs(got[:n] - expected[:n])) < 0.02  # 8-bit companding
 
 
+@pytest.mark.parametrize(
+    "options, width",
+    [({"sample_rate": 8000}, 2), ({"sample_rate": 16000}, 2), ({"format": "mulaw"}, 1), ({"format": "alaw"}, 1)],
+)
+async def test_done_counts_the_samples_received_at_the_output_rate(fake_server, options, width):
+    """done.samples is what the client received at its sample_rate (a G.711 byte is a sample), not 24 kHz
+    samples: the received bytes over the sample width, and audio_ms of them at that rate."""
+    async with websockets.connect(fake_server.ws) as ws:
+        await ws.send(json.dumps({"text": TEXT, **options}))
+        frames, done = await collect(ws)
+    received = sum(len(f) for f in frames) // width
+    assert done["samples"] == received
+    assert done["samples"] == pytest.approx(done["audio_ms"] * done["sample_rate"] / 1000, abs=1)
+
+
+async def test_done_of_framed_and_streamed_audio_counts_samples_at_the_output_rate(fake_server):
+    """Twilio media messages (8 kHz µ-law) and a text stream at 16 kHz: done.samples counts the samples sent."""
+    async with websockets.connect(fake_server.ws) as ws:
+        await ws.send(json.dumps({"text": TEXT, "framing": "twilio", "stream_sid": "MZ1"}))
+        frames, framed = await collect(ws)
+        await ws.send(json.dumps({"type": "text", "context_id": "s", "text": TEXT + " And more.", "sample_rate": 16000}))
+        await ws.send(json.dumps({"type": "end", "context_id": "s"}))
+        pcm, streamed = await collect(ws)
+    payload = sum(len(base64.b64decode(f["media"]["payload"])) for f in frames if f["event"] == "media")
+    assert framed["samples"] == payload and framed["sample_rate"] == 8000
+    assert streamed["samples"] == sum(len(p) for p in pcm) // 2 and streamed["sample_rate"] == 16000
+    assert streamed["samples"] == pytest.approx(streamed["audio_ms"] * 16, abs=1)
+
+
 async def test_g711_at_another_rate_is_refused(fake_server):
     """mulaw is only offered at 8000 Hz; the error says so."""
     async with websockets.connect(fake_server.ws) as ws:

@@ -67,6 +67,38 @@ def test_a_line_outside_a_request_has_no_request_id_brackets(logged):
     assert "[None]" not in text and "[]" not in text
 
 
+def test_an_access_line_carries_its_request_id_and_its_fields_in_json(capsys):
+    """An access line, written after its request's task is gone, still names the request (text and JSON);
+    in JSON its fields are an `access` object."""
+    from csmserve.server.access import AccessLine
+    from csmserve.speech import StreamStats
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        outputs = []
+        for fmt in ("text", "json"):
+            setup_logging("info", fmt)
+            capsys.readouterr()
+            line = AccessLine("/ws/generate", "127.0.0.1:5000", "0a1b2c3d", "my voice", chars=12, request_id="r-9")
+            line.stats = StreamStats(24000, started=10.0, first_audio=10.25, samples=36000)
+            line.end("ok")
+            line.end("disconnected")  # once only
+            outputs.append(capsys.readouterr().err)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    text, json_text = outputs
+    assert text.count("csmserve.access") == 1
+    assert ' csmserve.access [r-9]: 127.0.0.1:5000 "/ws/generate" ok key_id=0a1b2c3d voice="my voice" chars=12' in text
+    assert "audio_s=1.50 first_audio_ms=250.0" in text
+    [entry] = [json.loads(line) for line in json_text.splitlines()]
+    assert entry["request_id"] == "r-9" and entry["access"] == {
+        "route": "/ws/generate", "request_id": "r-9", "client": "127.0.0.1:5000", "key_id": "0a1b2c3d",
+        "voice": "my voice", "chars": 12, "audio_s": 1.5, "first_audio_ms": 250.0, "outcome": "ok",
+    }
+
+
 def test_a_line_inside_a_request_names_its_id(logged):
     """While a request is handled, its id follows the logger name in brackets (and in JSON)."""
     token = request_id.set("req-42")

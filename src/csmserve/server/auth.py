@@ -7,6 +7,7 @@ types the key into it), and ``/metrics`` unless ``protect_metrics``.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from starlette.requests import HTTPConnection
@@ -30,6 +31,12 @@ class KeyChecker:
         # Compare against every key, always, so timing says nothing about which one matched.
         results = [hmac.compare_digest(given, key) for key in self._keys]
         return any(results)
+
+
+def key_id(key: str) -> str:
+    """A key's name in the logs: the first 8 hex digits of its SHA-256, which tells keys apart without
+    revealing them (``printf %s "$KEY" | sha256sum | cut -c1-8`` gives an operator the same)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def presented_key(conn: HTTPConnection) -> str | None:

@@ -26,7 +26,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 
 from csmserve.errors import ClientTooSlow, CsmServeError, MessageTooLarge, Overloaded, Unauthorized
 from csmserve.server.admission import SHUTTING_DOWN, WAITING_ROOM_FULL
-from csmserve.server.auth import presented_key
+from csmserve.server.auth import key_id, presented_key
 from csmserve.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,10 @@ async def accept(websocket: WebSocket, state: ServerState) -> Socket | None:
     if authenticated is None:
         return None
     await websocket.accept()
-    return Socket(websocket, state, authenticated)
+    socket = Socket(websocket, state, authenticated)
+    if authenticated and state.keys.enabled:  # the key came in a header or the URL
+        socket.key_id = key_id(presented_key(websocket))
+    return socket
 
 
 class Socket:
@@ -94,6 +97,8 @@ class Socket:
         self.state = state
         self.settings = state.settings
         self.authenticated = authenticated
+        #: The id of the key it showed (:func:`~csmserve.server.auth.key_id`), for access lines; None without keys.
+        self.key_id: str | None = None
         self.send_lock = asyncio.Lock()
         #: The first failure a child task reported (:meth:`fail`); it ends the connection.
         self.failure: BaseException | None = None
@@ -119,6 +124,7 @@ class Socket:
         if not self.state.keys.valid(key):
             return False
         self.authenticated = True
+        self.key_id = key_id(key)
         self.release()
         return True
 

@@ -32,6 +32,8 @@ class StreamStats:
     first_audio: float | None = None
     samples: int = 0  # at the engine's rate
     chunks: int = 0
+    #: Bytes the encoder produced (before framing): a raw format's samples at its own rate, times its width.
+    encoded_bytes: int = 0
 
     def as_event_fields(self) -> dict:
         elapsed = time.monotonic() - self.started
@@ -132,6 +134,7 @@ class AudioSink:
         return self._count(self._pack(self.encoder.flush()) + self.packer.end())
 
     def _pack(self, data: bytes) -> list[Outgoing]:
+        self.stats.encoded_bytes += len(data)
         return self.packer.push(data) if data else []
 
     def _count(self, items: list[Outgoing]) -> list[Outgoing]:

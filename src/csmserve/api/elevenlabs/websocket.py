@@ -45,6 +45,7 @@ from csmserve.api.elevenlabs.voices import voice_not_found, voice_of
 from csmserve.errors import CsmServeError, GenerationFailed, InvalidRequest, MessageTooLarge, Overloaded, Unauthorized
 from csmserve.logs import clean_id
 from csmserve.logs import request_id as current_request_id
+from csmserve.server.access import AccessLine
 from csmserve.server.deadline import deadline
 from csmserve.server.state import ServerState, state_of
 from csmserve.server.streaming import outcome_of
@@ -72,6 +73,10 @@ class ContextRunner:
         #: The context's outcome once counted in the requests metric (once per context).
         self.counted: str | None = None
         self.speaking: asyncio.Task | None = None
+        voice = connection.voice.voice or str(connection.voice.speaker_id)
+        self.access = AccessLine(
+            connection.route, connection.client, connection.socket.key_id, voice, request_id=context.id
+        )
         self.task = asyncio.create_task(self.run())
 
     @property
@@ -94,6 +99,12 @@ class ContextRunner:
             if outcome == "disconnected":
                 metrics.disconnects.inc()
             metrics.finished(ENDPOINT, outcome)
+            self.end_access(outcome)
+
+    def end_access(self, outcome: str) -> None:
+        """Write the context's access line (once: the first outcome wins)."""
+        self.access.chars = self.context.chars
+        self.access.end(outcome)
 
     def finish(self) -> None:
         """Speak what is queued, then end with ``isFinal``."""
@@ -123,6 +134,7 @@ class ContextRunner:
         conn = self.connection
         speech = conn.state.speech
         audio = speech.sentences(output_sink(conn.query.output, speech.stats(), conn.settings.default_chunk_ms))
+        self.access.stats = audio.stats
         first = True
         while not self.stopped:
             if not self.pending:
@@ -193,6 +205,9 @@ class ElevenLabsConnection:
 
     def __init__(self, socket: Socket, query: StreamSettings, voice: VoiceChoice, multi: bool):
         self.socket = socket
+        self.route = f"/v1/text-to-speech/{{voice_id}}/{'multi-stream-input' if multi else 'stream-input'}"
+        client = socket.ws.client
+        self.client = f"{client.host}:{client.port}" if client else None
         self.state: ServerState = socket.state
         self.settings = settings = socket.settings
         self.query = query
@@ -286,6 +301,7 @@ class ElevenLabsConnection:
         for runner in runners:
             if runner.busy():
                 runner.count("disconnected")
+            runner.end_access("disconnected")  # an idle context ends with its socket too
         return [r.task for r in runners]
 
 

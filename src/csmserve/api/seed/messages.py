@@ -360,6 +360,15 @@ class GenerateRequest(BaseModel):
             packer = InChunks(size - size % width, first - first % width if first else None)
         return AudioSink(make_encoder(self.format, self.sample_rate), stats, packer)
 
+    def done_figures(self, stats: StreamStats) -> dict:
+        """The figures of the ``done`` frame: ``samples`` counts what the client received, at the output
+        ``sample_rate`` (a G.711 byte is a sample), not the engine's 24 kHz samples."""
+        width = 2 if self.format == "pcm_s16le" else 1
+        return {
+            **stats.as_event_fields(), "samples": stats.encoded_bytes // width, "sample_rate": self.sample_rate,
+            "format": self.format,
+        }
+
     @property
     def mark_name(self) -> str:
         """The mark that ends a framed stream (the provider echoes it once the audio has played)."""

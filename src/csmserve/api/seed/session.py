@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from csmserve.api.seed.messages import (
     CancelMessage,
@@ -43,6 +44,8 @@ class TextStream:
     ended: bool = False
     #: Characters of text received on this context so far (bounded by ``max_stream_chars``).
     chars: int = 0
+    #: The stream's access line (the adapter's: a :class:`~csmserve.server.access.AccessLine`).
+    access: Any = None
 
 
 @dataclass
@@ -55,6 +58,8 @@ class Job:
     stream: TextStream | None = None
     #: The end of a text stream: flush its output and send its ``done``.
     final: bool = False
+    #: The request's access line (the adapter's; a text stream's is on the stream).
+    access: Any = None
 
     @property
     def request_id(self) -> str | None:
@@ -63,10 +68,13 @@ class Job:
 
 @dataclass
 class Outcome:
-    """What :meth:`Session.handle` asks the adapter to do: send ``events``; stop the current job?"""
+    """What :meth:`Session.handle` asks the adapter to do: send ``events``; stop the current job?
+    ``dropped``: queued requests and text streams a cancel ended before they streamed (the current
+    one ends in the adapter)."""
 
     events: list[dict] = field(default_factory=list)
     cancel_current: bool = False
+    dropped: list[Job | TextStream] = field(default_factory=list)
 
 
 class Session:
@@ -182,7 +190,7 @@ class Session:
         for job in self.pending:
             if rid is not None and job.request_id == rid and job.stream is None:
                 self.pending.remove(job)
-                return Outcome([done_event(rid, cancelled=True, audio_ms=0)])
+                return Outcome([done_event(rid, cancelled=True, audio_ms=0)], dropped=[job])
         # Nothing to cancel (it may have just finished): barge-in races are normal, so no error.
         return Outcome()
 
@@ -201,6 +209,8 @@ class Session:
             outcome.cancel_current = True
         if stream is not None:
             outcome.events.append(done_event(stream.options.request_id, context_id=context_id, cancelled=True))
+            if not outcome.cancel_current:
+                outcome.dropped.append(stream)
         return outcome
 
     def next_job(self) -> Job | None:

@@ -22,9 +22,10 @@ from typing import NoReturn
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from csmserve.api.seed.messages import Limits, done_event
-from csmserve.api.seed.session import Job, Session, failure_event
+from csmserve.api.seed.session import Job, Session, TextStream, failure_event
 from csmserve.errors import CsmServeError, GenerationFailed, MessageTooLarge, Overloaded, Unauthorized
 from csmserve.logs import request_id as current_request_id
+from csmserve.server.access import AccessLine
 from csmserve.server.deadline import deadline
 from csmserve.server.state import ServerState, state_of
 from csmserve.server.streaming import outcome_of
@@ -34,6 +35,7 @@ from csmserve.speech import AudioSink, Outgoing
 log = logging.getLogger(__name__)
 router = APIRouter()
 ENDPOINT = "ws"
+ROUTE = "/ws/generate"
 #: What a socket opened while the server drains is told.
 ACCEPT_DRAINING = "the server is shutting down"
 
@@ -52,6 +54,36 @@ class Connection:
         self.wake = asyncio.Event()
         self.streaming: asyncio.Task | None = None
         self.counted: Job | None = None
+        client = socket.ws.client
+        self.client = f"{client.host}:{client.port}" if client else None
+
+    # -- access lines ---------------------------------------------------------------------------
+    def access(self, owner: Job | TextStream) -> AccessLine:
+        """The access line of a request (a :class:`Job` without a stream) or of a text stream."""
+        if owner.access is None:
+            request = owner.options if isinstance(owner, TextStream) else owner.request
+            voice = request.voice or str(request.speaker_id)
+            owner.access = AccessLine(ROUTE, self.client, self.socket.key_id, voice, request_id=request.request_id)
+        line = owner.access
+        line.chars = owner.chars if isinstance(owner, TextStream) else len(owner.request.text)
+        if isinstance(owner, TextStream) and owner.audio is not None:
+            line.stats = owner.audio.stats
+        return line
+
+    def end_access(self, job: Job, outcome: str) -> None:
+        """Write the access line of the request ``job`` is part of (once; a text stream's at its end)."""
+        self.access(job.stream if job.stream is not None else job).end(outcome)
+
+    def abandon(self) -> list[asyncio.Task | None]:
+        """The connection ended: every request not yet answered ends ``disconnected`` in the access log;
+        the task to cancel with the loops."""
+        jobs = [self.session.current, *self.session.pending]
+        for job in jobs:
+            if job is not None:
+                self.end_access(job, "disconnected")
+        for stream in list(self.session.streams.values()):
+            self.access(stream).end("disconnected")
+        return [self.streaming]
 
     async def send_json(self, event: dict) -> None:
         await self.socket.send_json(event)
@@ -118,6 +150,8 @@ class Connection:
             if refusal is not None:
                 await self.refuse(refusal, "draining")
             outcome = self.session.handle(raw, time.monotonic())
+            for dropped in outcome.dropped:
+                self.access(dropped).end("cancelled")
             for event in outcome.events:
                 if event.get("cancelled"):
                     self.state.metrics.cancellations.inc()
@@ -143,6 +177,7 @@ class Connection:
                 self.streaming = None
                 self.session.finish()
             if task.cancelled():
+                self.end_access(job, "cancelled")
                 if job.stream is None:  # a text stream's cancel was already answered by the session
                     self.state.metrics.finished(ENDPOINT, "cancelled")
                     await self.send_json(done_event(job.request_id, cancelled=True))
@@ -158,6 +193,7 @@ class Connection:
         try:
             self.state.admission.enter(ENDPOINT)
         except Overloaded as exc:
+            self.end_access(job, "rejected")
             await self.refuse(exc, "overloaded", request.request_id)
         try:
             final = await self.stream(job)
@@ -170,13 +206,15 @@ class Connection:
         """The end of a text stream: what its sink still holds, then its one ``done``."""
         request, stream = job.request, job.stream
         if stream.audio is None:  # nothing was spoken on this stream
+            self.end_access(job, "ok")
             await self.send_json(done_event(request.request_id, context_id=stream.context_id, audio_ms=0))
             return
         for item in stream.audio.finish():
             await self.socket.send(item)
         self.state.metrics.finished(ENDPOINT, "ok", stream.audio.stats)
+        self.end_access(job, "ok")
         await self.send_json(
-            done_event(request.request_id, context_id=stream.context_id, **stream.audio.stats.as_event_fields())
+            done_event(request.request_id, context_id=stream.context_id, **request.done_figures(stream.audio.stats))
         )
 
     def prepare(self, job: Job) -> tuple[AudioSink, AsyncIterator[Outgoing]]:
@@ -198,34 +236,39 @@ class Connection:
             sink, items = self.prepare(job)
             if job.stream is None:
                 stats = sink.stats
+                self.access(job).stats = stats
             with deadline(self.settings.request_timeout_s):
                 async with contextlib.aclosing(items) as frames:
                     async for item in frames:  # closed on any exit: the engine stops generating
                         await self.socket.send(item)
         except Overloaded as exc:
             self.state.metrics.finished(ENDPOINT, "rejected")
+            self.end_access(job, "rejected")
             await self.refuse(exc, "overloaded", request.request_id)
         except CsmServeError as exc:
             log.warning("request failed: %s", exc.message)
             self.state.metrics.finished(ENDPOINT, outcome_of(exc), stats)
+            if job.stream is None:  # a text stream goes on after a failed sentence
+                self.end_access(job, outcome_of(exc))
             return failure_event(exc, request.request_id)
         except (WebSocketDisconnect, CloseConnection):
             self.count_disconnect()
+            self.end_access(job, "disconnected")
             raise
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - one request's failure must not end the connection
             log.exception("request failed")
             self.state.metrics.finished(ENDPOINT, "error", stats)
+            if job.stream is None:
+                self.end_access(job, "error")
             return failure_event(GenerationFailed("generation failed"), request.request_id)
         if job.stream is not None:
             return None  # a text stream's done comes with its end
         self.state.metrics.finished(ENDPOINT, "ok", stats)
+        self.end_access(job, "ok")
         extra = {"ignored_fields": list(request.ignored_fields)} if request.ignored_fields else {}
-        return done_event(
-            request.request_id, **stats.as_event_fields(), sample_rate=request.sample_rate, format=request.format,
-            **extra,
-        )
+        return done_event(request.request_id, **request.done_figures(stats), **extra)
 
 
 @router.websocket("/ws/generate")
@@ -240,6 +283,4 @@ async def ws_generate(websocket: WebSocket) -> None:
             await websocket.close(refusal.ws_close_code, reason)
             return
     connection = Connection(socket)
-    await socket.serve(
-        [connection.receive_loop(), connection.send_loop()], children=lambda: [connection.streaming]
-    )
+    await socket.serve([connection.receive_loop(), connection.send_loop()], children=connection.abandon)
