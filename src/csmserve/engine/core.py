@@ -201,7 +201,7 @@ class EngineCore:
             ready=info.ready,
             failed=self.load_error or info.failed or self.worker.fatal,
             info={"name": info.name, "model": info.model, "device": info.device, "dtype": info.dtype,
-                  "offline_model": info.offline_model, "extra": info.extra,
+                  "offline_model": info.offline_model, "extra": {**info.extra, "engine_pid": os.getpid()},
                   "prefill_positions": dict(getattr(self.engine, "prefill_positions", {}))},
             sample_rate=int(self.engine.sample_rate),
             capacity=self.engine.capacity(),

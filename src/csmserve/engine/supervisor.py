@@ -2,7 +2,7 @@
 
 The engine is spawned (never forked: a parent that touched CUDA cannot fork a child that uses it) with
 the server's settings, and watched from a thread: when it exits on its own (a dead GPU, a stall it
-detected itself, a crash, ``kill -9``) it is started again after a bounded back-off (1, 2, 4 ... 30 s),
+detected itself, a crash, ``kill -9``) it is started again after a bounded back-off (2, 4, 8 ... 30 s),
 each time as a new incarnation, while the API keeps its connections and answers 503 with the reason.
 A model that cannot be loaded at the first start is a configuration error: the supervisor gives up and
 says why (``gave_up``), and the server exits non-zero as it does without an engine process.
@@ -23,7 +23,7 @@ from csmserve.config import Settings
 log = logging.getLogger(__name__)
 
 #: Back-off between restarts: the first wait, and the longest.
-FIRST_BACKOFF_S = 1.0
+FIRST_BACKOFF_S = 2.0
 MAX_BACKOFF_S = 30.0
 #: An engine that ran this long counts as healthy: the next failure starts the back-off afresh.
 HEALTHY_AFTER_S = 60.0
