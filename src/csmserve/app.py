@@ -41,7 +41,7 @@ from csmserve.server.state import ServerState
 from csmserve.server.store import AudioStore
 from csmserve.server.watchdog import Watchdog
 from csmserve.speech import Speech
-from csmserve.voices import VoiceStore
+from csmserve.speech.voices import VoiceBook
 
 log = logging.getLogger(__name__)
 #: Voice uploads decoded at once (each in a worker thread); more wait, and past that get a 429.
@@ -51,7 +51,9 @@ DECODE_THREADS = 2
 def build_state(settings: Settings, engine: Engine) -> ServerState:
     """Everything the routes share, for ``engine`` (not yet started)."""
     metrics = Metrics()
-    voices = VoiceStore(settings.voices_dir)
+    voices = VoiceBook.from_settings(settings)
+    for problem in voices.problems():
+        log.warning("%s", problem)
     state = ServerState(
         settings=settings,
         engine=engine,

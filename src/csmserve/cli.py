@@ -1,6 +1,7 @@
-"""``csmserve serve | wyoming | say | make-tiny-model``. Every ``serve`` flag is also a ``CSM_*`` variable.
+"""``csmserve serve | wyoming | say | voices | make-tiny-model``. Every ``serve`` flag is also a ``CSM_*`` variable.
 
-Imports nothing heavy before a command runs: ``csmserve --help`` does not load torch.
+Imports nothing heavy before a command runs: ``csmserve --help`` does not load torch, and neither does
+``csmserve voices`` (:mod:`csmserve.voices_cli`).
 """
 
 from __future__ import annotations
@@ -149,9 +150,11 @@ def cmd_say(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    options = {key: value for key, value in (("seed", args.seed), ("voice", args.voice)) if value is not None}
+
     async def run():
         async with CsmClient(url) as client:
-            return await client.synthesize(args.text, args.speaker, **({"seed": args.seed} if args.seed is not None else {}))
+            return await client.synthesize(args.text, args.speaker, **options)
 
     try:
         result = asyncio.run(run())
@@ -210,9 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the server's WebSocket URL (default: ws://CSM_HOST:CSM_PORT/ws/generate, as `serve` listens; "
         "a wildcard host such as 0.0.0.0 means 127.0.0.1)",
     )
-    say.add_argument("--speaker", type=int, default=0, help="speaker id")
+    say.add_argument(
+        "--speaker", type=int, default=None,
+        help="speaker id (default: the voice's own; with neither, the server's default voice, else speaker 0)",
+    )
+    say.add_argument("--voice", default=None, help="a registered voice's name or id (csmserve voices list)")
     say.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same audio)")
     say.set_defaults(func=cmd_say)
+
+    from csmserve.voices_cli import add_voices_parser
+
+    add_voices_parser(sub)
 
     tiny = sub.add_parser("make-tiny-model", help="write the offline CSM checkpoint (random weights)")
     tiny.add_argument("directory", type=Path)

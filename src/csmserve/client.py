@@ -86,9 +86,11 @@ class CsmClient:
     async def send(self, message: dict) -> None:
         await self.ws.send(json.dumps(message))
 
-    async def stream(self, text: str, speaker_id: int = 0, **options: Any) -> AsyncIterator[bytes]:
-        """Send one request and yield its PCM chunks; raise :class:`ServerError` on an error frame."""
-        await self.send({"text": text, "speaker_id": speaker_id, **options})
+    async def stream(self, text: str, speaker_id: int | None = 0, **options: Any) -> AsyncIterator[bytes]:
+        """Send one request and yield its PCM chunks; raise :class:`ServerError` on an error frame.
+        ``speaker_id`` None: not sent (a voice's own speaker, or the server's default voice)."""
+        speaker = {} if speaker_id is None else {"speaker_id": speaker_id}
+        await self.send({"text": text, **speaker, **options})
         async for chunk in self.receive():
             yield chunk
 
@@ -106,7 +108,7 @@ class CsmClient:
                     raise ServerError(event)
                 return
 
-    async def synthesize(self, text: str, speaker_id: int = 0, **options: Any) -> Result:
+    async def synthesize(self, text: str, speaker_id: int | None = 0, **options: Any) -> Result:
         """The whole utterance, with the client-side time to first audio."""
         started = time.monotonic()
         first = None

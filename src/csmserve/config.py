@@ -230,6 +230,24 @@ class Settings(BaseSettings):
     max_voice_seconds: float = Field(30.0, gt=0, description="Longest accepted reference clip for a voice.")
     max_voice_channels: int = Field(2, ge=1, le=8, description="Most channels a voice upload may have.")
     max_voice_sample_rate: int = Field(48_000, ge=8000, le=192_000, description="Highest sample rate of a voice upload.")
+    default_voice: str | None = Field(
+        None,
+        description=(
+            "A registered voice (name or id) for requests that name none, and the voice named default. "
+            "Unset: such requests speak as a bare speaker id, whose voice changes from request to request. "
+            "Not registered at start-up: a warning, and those requests fail until it is."
+        ),
+    )
+    voice_map: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description=(
+            "Comma-separated NAME=VOICE pairs: a voice name a client sends (OpenAI's alloy, an ElevenLabs "
+            "voice_id) that means a registered voice, on every API. Names are matched in any case."
+        ),
+    )
+    voice_map_file: Path | None = Field(
+        None, description="A file of NAME=VOICE lines (# comments allowed), added to CSM_VOICE_MAP."
+    )
 
     # REST audio store
     audio_dir: Path = Field(Path("var/audio"), description="Where /generate keeps WAV files for download.")
@@ -237,7 +255,7 @@ class Settings(BaseSettings):
     audio_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Most bytes of WAV kept.")
     audio_ttl_s: int = Field(3600, ge=1, description="Seconds a WAV stays downloadable.")
 
-    @field_validator("api_keys", "allowed_origins", mode="before")
+    @field_validator("api_keys", "allowed_origins", "voice_map", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):
@@ -291,15 +309,37 @@ class Settings(BaseSettings):
     def _read_key_file(self) -> Settings:
         if self.api_keys_file is None:
             return self
-        try:
-            lines = Path(self.api_keys_file).read_text().splitlines()
-        except OSError as exc:
-            raise ValueError(f"cannot read api_keys_file {self.api_keys_file}: {exc.strerror}") from None
-        keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        keys = _lines(self.api_keys_file, "api_keys_file")
         if not keys:
             raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
         object.__setattr__(self, "api_keys", self.api_keys + tuple(SecretStr(k) for k in keys))
         return self
+
+    @model_validator(mode="after")
+    def _read_voice_map(self) -> Settings:
+        pairs = self.voice_map
+        if self.voice_map_file is not None:
+            pairs += tuple(_lines(self.voice_map_file, "voice_map_file"))
+        object.__setattr__(self, "voice_map", pairs)
+        self.voice_aliases()  # every pair well formed, no name twice
+        if self.default_voice is not None and not self.default_voice.strip():
+            raise ValueError("default_voice must name a registered voice (or be unset)")
+        return self
+
+    def voice_aliases(self) -> dict[str, str]:
+        """``voice_map`` as ``{name: voice}``. Raises ``ValueError`` for a pair that is not ``NAME=VOICE``,
+        a name given twice (in any case), or a name or voice that is a speaker id (digits)."""
+        aliases: dict[str, str] = {}
+        for pair in self.voice_map:
+            name, sep, voice = (part.strip() for part in pair.partition("="))
+            if not sep or not name or not voice:
+                raise ValueError(f"voice_map: {pair!r} is not NAME=VOICE (e.g. alloy=anna)")
+            if name.isdigit() or voice.isdigit():
+                raise ValueError(f"voice_map: {pair!r}: speaker ids stay speaker ids; map names to registered voices")
+            if any(known.casefold() == name.casefold() for known in aliases):
+                raise ValueError(f"voice_map: {name!r} is mapped twice")
+            aliases[name] = voice
+        return aliases
 
     def audio_budget_ms(self, text: str) -> int:
         """Default maximum audio for ``text``: proportional to its length, within the server cap."""
@@ -312,3 +352,12 @@ def _cuda_available() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
+def _lines(path: Path, setting: str) -> list[str]:
+    """The lines of the file a setting names, stripped, without blank lines and ``#`` comments."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read {setting} {path}: {exc.strerror}") from None
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]

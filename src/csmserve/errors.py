@@ -54,6 +54,13 @@ class NotFound(CsmServeError):
     http_status = 404
 
 
+class VoiceUnavailable(NotFound):
+    """A voice the server's configuration names (``CSM_DEFAULT_VOICE``, ``CSM_VOICE_MAP``) is not
+    registered, or a registered voice cannot be used (its clip cannot be encoded)."""
+
+    code = "voice_unavailable"
+
+
 class Unauthorized(CsmServeError):
     """No valid API key: the connection is closed (WebSocket 1008, policy violation)."""
 

@@ -6,13 +6,21 @@ and one ``.npy`` file (codes ``(frames, 32)`` int16), both written atomically (t
 ``os.replace``), the codes first, so a crash never leaves a voice that points at missing codes. At
 start-up, files that cannot be read are skipped with a warning and never stop the server.
 
-Several processes may share one directory (Ray Serve replicas on a shared volume): a voice another
-process registered is read from disk the first time it is asked for (or listed), and one it deleted
-disappears here too. Temporary files have unique names, so writers never collide.
+A voice added without a model (``csmserve voices add``) is **pending**: its clip is kept as a WAV file
+(mono 16-bit at 24 kHz, ``voice_<id>.wav``) instead of codes, and the server that first needs it encodes
+it with its own codec and stores the codes (:meth:`VoiceStore.set_codes`).
+
+Several processes may share one directory (Ray Serve replicas on a shared volume, the CLI next to a
+running server): a voice another process registered is read from disk the first time it is asked for
+(or listed), one it changed (encoded) is read again, and one it deleted disappears here too. Temporary
+files have unique names, so writers never collide; adding takes a lock file, so two processes never
+give one name to two voices.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import logging
@@ -21,7 +29,8 @@ import re
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,21 +42,33 @@ log = logging.getLogger(__name__)
 ID_PATTERN = re.compile(r"^voice_[A-Za-z0-9_-]{12}$")
 #: A temporary file older than this is a crashed writer's, not one still being written by another process.
 STALE_TMP_S = 600.0
-WRITING_PATTERN = re.compile(r"^voice_[A-Za-z0-9_-]{12}\.(json|npy)\.[0-9a-f]{12}\.tmp$")
+WRITING_PATTERN = re.compile(r"^voice_[A-Za-z0-9_-]{12}\.(json|npy|wav)\.[0-9a-f]{12}\.tmp$")
+#: Audio per codec frame: 80 ms, 1920 samples at 24 kHz.
+FRAME_S = 0.08
+FRAME_SAMPLES = 1920
+#: The rate a pending voice's clip is kept at: CSM's codec (Mimi) works at 24 kHz.
+CLIP_RATE = 24_000
 
 
 @dataclass(frozen=True)
 class Voice:
+    """A voice's metadata. ``frames``: its clip's length in 80 ms codec frames (the codes' count once
+    encoded). ``pending``: its clip waits to be encoded by a server (no codes yet). ``description`` and
+    ``labels`` are what an ElevenLabs client gave (shown in its voice lists, searched)."""
+
     id: str
     name: str
     speaker_id: int
     transcript: str
     frames: int
     created: float
+    description: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    pending: bool = False
 
     def public(self) -> dict:
         """The voice as the API shows it (no codes)."""
-        return {**asdict(self), "object": "voice", "duration_s": round(self.frames * 0.08, 2)}
+        return {**asdict(self), "object": "voice", "duration_s": round(self.frames * FRAME_S, 2)}
 
 
 class VoiceStore:
@@ -58,7 +79,8 @@ class VoiceStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._voices: dict[str, Voice] = {}
         self._codes: dict[str, np.ndarray] = {}
-        self._unreadable: dict[str, float] = {}  # id -> mtime of a file already warned about
+        self._seen: dict[str, tuple[int, int]] = {}  # id -> (mtime, size) of the metadata file read
+        self._unreadable: dict[str, tuple[int, int]] = {}  # id -> (mtime, size) of a file already warned about
         self._lock = threading.Lock()
         self._load_all()
 
@@ -72,12 +94,16 @@ class VoiceStore:
                 pass
         self.refresh()
 
-    def _read(self, meta: Path) -> tuple[Voice, np.ndarray] | None:
+    def _read(self, meta: Path) -> tuple[Voice, np.ndarray | None] | None:
         try:
             data = json.loads(meta.read_text())
             voice = Voice(**data)
             if not ID_PATTERN.match(voice.id) or meta.stem != voice.id:
                 raise ValueError("id does not match the file name")
+            if voice.pending:
+                if not self.clip_path(voice.id).is_file():
+                    raise ValueError("a pending voice without its clip")
+                return voice, None
             codes = np.load(self.directory / f"{voice.id}.npy", allow_pickle=False)
             if codes.ndim != 2 or codes.shape[0] != voice.frames:
                 raise ValueError(f"codes of shape {codes.shape} for {voice.frames} frames")
@@ -89,27 +115,40 @@ class VoiceStore:
         return voice, codes
 
     def refresh(self) -> None:
-        """Pick up voices other processes added to the directory, and drop those they deleted."""
-        on_disk = {meta.stem: meta for meta in self.directory.glob("voice_*.json")}
+        """Pick up voices other processes added to the directory or changed (encoded), and drop
+        those they deleted."""
+        on_disk = {}
+        for meta in self.directory.glob("voice_*.json"):
+            with contextlib.suppress(FileNotFoundError):
+                on_disk[meta.stem] = (meta, _signature(meta))
         with self._lock:
-            known = set(self._voices)
-        for gone in known - set(on_disk):
-            with self._lock:
-                self._voices.pop(gone, None)
-                self._codes.pop(gone, None)
-        for voice_id in sorted(set(on_disk) - known):
-            try:
-                mtime = on_disk[voice_id].stat().st_mtime
-            except FileNotFoundError:
+            known = dict(self._seen)
+        for gone in set(known) - set(on_disk):
+            self._forget(gone)
+        for voice_id in sorted(on_disk):
+            meta, signature = on_disk[voice_id]
+            if known.get(voice_id) == signature or self._unreadable.get(voice_id) == signature:
                 continue
-            if self._unreadable.get(voice_id) == mtime:
-                continue
-            loaded = self._read(on_disk[voice_id])
+            loaded = self._read(meta)
             if loaded is None:
-                self._unreadable[voice_id] = mtime
+                self._unreadable[voice_id] = signature
+                self._forget(voice_id)
             else:
-                with self._lock:
-                    self._voices[voice_id], self._codes[voice_id] = loaded
+                self._remember(*loaded, signature)
+
+    def _remember(self, voice: Voice, codes: np.ndarray | None, signature: tuple[int, int]) -> None:
+        with self._lock:
+            self._voices[voice.id], self._seen[voice.id] = voice, signature
+            if codes is None:
+                self._codes.pop(voice.id, None)
+            else:
+                self._codes[voice.id] = codes
+
+    def _forget(self, voice_id: str) -> None:
+        with self._lock:
+            self._voices.pop(voice_id, None)
+            self._codes.pop(voice_id, None)
+            self._seen.pop(voice_id, None)
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.tmp")
@@ -119,27 +158,78 @@ class VoiceStore:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
 
-    def add(self, name: str, speaker_id: int, transcript: str, codes: np.ndarray) -> Voice:
-        """Store a new voice. Raises :class:`Conflict` when ``name`` (case-insensitive) is taken."""
+    def _write_meta(self, voice: Voice, codes: np.ndarray | None) -> None:
+        meta = self.directory / f"{voice.id}.json"
+        self._write_atomic(meta, json.dumps(asdict(voice)).encode())
+        self._remember(voice, codes, _signature(meta))
+
+    @contextlib.contextmanager
+    def _adding(self) -> Iterator[None]:
+        """Hold the directory's lock file: no other process adds a voice meanwhile."""
+        with open(self.directory / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _check_name_free(self, name: str) -> None:
+        self.refresh()
         with self._lock:
             if any(v.name.casefold() == name.casefold() for v in self._voices.values()):
                 raise Conflict(f"a voice named {name!r} exists already; pick another name or delete it first")
-        voice = Voice(
-            id="voice_" + secrets.token_urlsafe(9),
-            name=name,
-            speaker_id=speaker_id,
-            transcript=transcript,
-            frames=int(codes.shape[0]),
-            created=time.time(),
+
+    def _new(self, name: str, speaker_id: int, transcript: str, frames: int, pending: bool, **about: object) -> Voice:
+        return Voice(
+            id="voice_" + secrets.token_urlsafe(9), name=name, speaker_id=speaker_id, transcript=transcript,
+            frames=frames, created=time.time(), pending=pending, **about,
         )
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(codes, dtype=np.int16), allow_pickle=False)
-        self._write_atomic(self.directory / f"{voice.id}.npy", buffer.getvalue())
-        self._write_atomic(self.directory / f"{voice.id}.json", json.dumps(asdict(voice)).encode())
-        with self._lock:
-            self._voices[voice.id] = voice
-            self._codes[voice.id] = np.asarray(codes, dtype=np.int16)
+
+    def add(
+        self, name: str, speaker_id: int, transcript: str, codes: np.ndarray, description: str = "",
+        labels: dict[str, str] | None = None,
+    ) -> Voice:
+        """Store a new voice from its codes ``(frames, 32)``. Raises :class:`Conflict` when ``name``
+        (case-insensitive) is taken, here or by another process on the directory."""
+        codes = np.asarray(codes, dtype=np.int16)
+        with self._adding():
+            self._check_name_free(name)
+            voice = self._new(
+                name, speaker_id, transcript, int(codes.shape[0]), False, description=description, labels=labels or {}
+            )
+            self._write_atomic(self.directory / f"{voice.id}.npy", _npy(codes))
+            self._write_meta(voice, codes)
         return voice
+
+    def add_clip(self, name: str, speaker_id: int, transcript: str, wav: bytes, samples: int) -> Voice:
+        """Store a new **pending** voice from its clip: ``wav`` a WAV file of ``samples`` mono samples at
+        :data:`CLIP_RATE`, kept until a server encodes it (:meth:`set_codes`). Raises :class:`Conflict` as :meth:`add`."""
+        frames = max(1, samples // FRAME_SAMPLES)
+        with self._adding():
+            self._check_name_free(name)
+            voice = self._new(name, speaker_id, transcript, frames, True)
+            self._write_atomic(self.clip_path(voice.id), wav)
+            self._write_meta(voice, None)
+        return voice
+
+    def clip_path(self, voice_id: str) -> Path:
+        """Where a voice's clip is kept (a pending voice's, and an encoded one's that was added so)."""
+        return self.directory / f"{voice_id}.wav"
+
+    def set_codes(self, voice_id: str, codes: np.ndarray) -> Voice | None:
+        """Store the codes ``(frames, 32)`` of a pending voice (encoded by a server): the voice is
+        usable from then on by every process. None when the voice is gone meanwhile. The clip stays."""
+        codes = np.asarray(codes, dtype=np.int16)
+        voice = self.get(voice_id)
+        if voice is None:
+            return None
+        self._write_atomic(self.directory / f"{voice.id}.npy", _npy(codes))
+        encoded = replace(voice, frames=int(codes.shape[0]), pending=False)
+        if not (self.directory / f"{voice.id}.json").exists():  # deleted while encoding
+            (self.directory / f"{voice.id}.npy").unlink(missing_ok=True)
+            return None
+        self._write_meta(encoded, codes)
+        return encoded
 
     def list(self) -> list[Voice]:
         self.refresh()
@@ -158,6 +248,12 @@ class VoiceStore:
             voice = self._find(key)
         return voice
 
+    def current(self, voice: Voice) -> Voice | None:
+        """``voice`` as the directory has it now: encoded by another process meanwhile, or gone."""
+        self.refresh()
+        with self._lock:
+            return self._voices.get(voice.id)
+
     def _find(self, key: str) -> Voice | None:
         with self._lock:
             if key in self._voices:
@@ -167,16 +263,29 @@ class VoiceStore:
                     return voice
         return None
 
-    def codes(self, voice_id: str) -> np.ndarray:
+    def codes(self, voice_id: str) -> np.ndarray | None:
+        """An encoded voice's codes ``(frames, 32)`` int16; None for a pending voice."""
         with self._lock:
-            return self._codes[voice_id]
+            return self._codes.get(voice_id)
 
     def delete(self, voice_id: str) -> bool:
         with self._lock:
-            voice = self._voices.pop(voice_id, None)
-            self._codes.pop(voice_id, None)
+            voice = self._voices.get(voice_id)
+        self._forget(voice_id)
         if voice is None:
             return False
-        (self.directory / f"{voice_id}.json").unlink(missing_ok=True)
-        (self.directory / f"{voice_id}.npy").unlink(missing_ok=True)
+        for suffix in (".json", ".npy", ".wav"):
+            (self.directory / f"{voice_id}{suffix}").unlink(missing_ok=True)
         return True
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    """What tells one version of a metadata file from the next (even within one mtime tick: the size)."""
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _npy(codes: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, codes, allow_pickle=False)
+    return buffer.getvalue()

@@ -16,6 +16,8 @@ import sys
 import wave
 from pathlib import Path
 
+import httpx
+
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 SEED_CLIENTS = ROOT / "docs" / "api" / "seed" / "clients.md"
@@ -108,6 +110,21 @@ def test_elevenlabs_sdk_example_runs_as_written(fake_server, tmp_path):
 
     samples = len(fake_server.engine.render(SynthesisRequest("Hello from CSM.", max_audio_ms=90_000)))
     assert (tmp_path / "hello.pcm").stat().st_size == 2 * samples
+
+
+def test_elevenlabs_voices_example_runs_as_written(fake_server, tmp_path):
+    """The voices example clones a voice from anna.wav with its transcript, speaks in it, finds it by
+    search, shows a speaker and deletes the clone."""
+    from test_voices_and_context import clip
+
+    (tmp_path / "anna.wav").write_bytes(clip("WAV"))
+    script = python_block(ELEVENLABS, "voices.ivc.create(").replace("http://127.0.0.1:8000", fake_server.http)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=checkout_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "['anna'] CSM speaker 3" in result.stdout
+    assert httpx.get(fake_server.http + "/v1/voices").json()["data"] == []
 
 
 def test_pipecat_example_speaks_through_csmserve(fake_server):

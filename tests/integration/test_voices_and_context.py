@@ -47,11 +47,13 @@ def test_voice_registers_from_any_common_format_and_rate(fake_server, fmt):
 
 
 def test_voices_are_listed_shown_and_deleted(fake_server):
-    """GET lists and shows a voice; DELETE removes it; then it is a 404."""
+    """GET lists and shows a voice (csmserve's fields as registration gave them); DELETE removes it; then it is a 404."""
     voice = register(fake_server.http, clip("WAV")).json()
     listed = httpx.get(fake_server.http + "/v1/voices").json()
     assert [v["id"] for v in listed["data"]] == [voice["id"]]
-    assert httpx.get(fake_server.http + f"/v1/voices/{voice['id']}").json() == voice
+    shown = httpx.get(fake_server.http + f"/v1/voices/{voice['id']}").json()
+    assert {key: shown[key] for key in voice} == voice  # csmserve's fields, with ElevenLabs' beside them
+    assert shown["voice_id"] == voice["id"]
     assert httpx.delete(fake_server.http + f"/v1/voices/{voice['id']}").json()["deleted"] is True
     assert httpx.get(fake_server.http + f"/v1/voices/{voice['id']}").status_code == 404
     assert httpx.delete(fake_server.http + f"/v1/voices/{voice['id']}").status_code == 404

@@ -18,6 +18,7 @@ from csmserve.api.wyoming.session import Failure, Sentence, StreamEnd, Utterance
 from csmserve.api.wyoming.wire import read_event
 from csmserve.config import Settings
 from csmserve.errors import InvalidRequest, MessageTooLarge
+from csmserve.speech.voices import VoiceBook
 from csmserve.voices import VoiceStore
 
 
@@ -25,7 +26,7 @@ from csmserve.voices import VoiceStore
 def session(tmp_path):
     ids = iter(range(1000))
     settings = Settings(voices_dir=tmp_path, max_text_chars=100, max_stream_chars=60)
-    return WyomingSession(VoiceStore(tmp_path), settings, lambda: f"r{next(ids)}")
+    return WyomingSession(VoiceBook(VoiceStore(tmp_path)), settings, lambda: f"r{next(ids)}")
 
 
 def test_describe_is_answered_at_once_with_info(session):

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from csmserve.logs import clean_id, request_id
 from csmserve.server.auth import is_public, presented_key
 from csmserve.server.state import ServerState
+from csmserve.speech.voices import client_connection
 
 JSON_ROUTES = ("/generate", "/v1/audio/speech")
 #: ElevenLabs' text-to-speech POSTs (``/v1/text-to-speech/{voice_id}`` and its variants) take JSON too.
@@ -72,6 +73,9 @@ class Guard:
         return settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            client = scope.get("client")  # (host, port): one TCP connection, what "once per connection" counts
+            client_connection.set(tuple(client) if client else None)
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

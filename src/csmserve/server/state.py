@@ -17,7 +17,7 @@ from csmserve.server.auth import KeyChecker
 from csmserve.server.store import AudioStore
 from csmserve.server.watchdog import Watchdog
 from csmserve.speech import Speech
-from csmserve.voices import VoiceStore
+from csmserve.speech.voices import VoiceBook
 
 
 @dataclass
@@ -26,7 +26,8 @@ class ServerState:
     engine: Engine
     speech: Speech
     store: AudioStore
-    voices: VoiceStore
+    #: The registered voices (``voices.store``), the operator's voice map and default voice.
+    voices: VoiceBook
     metrics: Metrics
     keys: KeyChecker
     admission: Admission

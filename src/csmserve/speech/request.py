@@ -24,9 +24,10 @@ class Turn:
 class SpeechRequest:
     """One utterance to synthesise.
 
-    ``speaker_id`` None: a registered ``voice``'s own speaker, else 0. ``voice`` is a registered
-    voice's id or name (:class:`~csmserve.voices.VoiceStore`); its clip and transcript go first as
-    context. ``max_audio_ms`` None: a budget derived from the text (``Settings.audio_budget_ms``).
+    ``voice`` is a voice string (:class:`~csmserve.speech.voices.VoiceBook`: a registered voice's id
+    or name, a mapped name, ``default``); its clip and transcript go first as context. ``speaker_id``
+    None: the voice's own speaker. Neither: the server's default voice when one is set, else speaker 0
+    (a bare speaker id). ``max_audio_ms`` None: a budget derived from the text (``Settings.audio_budget_ms``).
     ``request_id`` names the request in the engine and the log.
     """
 

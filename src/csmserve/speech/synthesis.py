@@ -1,34 +1,44 @@
 """From a :class:`~csmserve.speech.request.SpeechRequest` to what the client receives.
 
-:class:`Speech` is the only caller of ``Engine.synthesize``: it resolves the request's voice and
-context into the engine's request, derives the audio budget from the text, and feeds the engine's
-audio into the stream's :class:`~csmserve.speech.sink.AudioSink`. Text that arrives sentence by
-sentence (an LLM's output) is spoken through a :class:`SentenceStream`, one continuous voice.
-Admission, deadlines and sockets are the caller's (``csmserve.server``).
+:class:`Speech` is the only caller of ``Engine.synthesize``: it resolves the request's voice (the
+server's default voice when the request names none; a voice added without a model is encoded here,
+once, the first time it is needed) and context into the engine's request, derives the audio budget
+from the text, and feeds the engine's audio into the stream's :class:`~csmserve.speech.sink.AudioSink`.
+Text that arrives sentence by sentence (an LLM's output) is spoken through a :class:`SentenceStream`,
+one continuous voice. Admission, deadlines and sockets are the caller's (``csmserve.server``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import weakref
 from collections.abc import AsyncIterator
 
+import anyio.to_thread
 import numpy as np
 
+from csmserve.audio.decode import decode_clip
 from csmserve.config import Settings
 from csmserve.engine import ContextTurn, Continuation, Engine, SynthesisRequest
+from csmserve.errors import InvalidRequest, NotReady, VoiceUnavailable
 from csmserve.speech.request import SpeechRequest
 from csmserve.speech.sink import AudioSink, Outgoing, StreamStats
-from csmserve.speech.voices import voice_turns
-from csmserve.voices import VoiceStore
+from csmserve.speech.voices import DEFAULT, VaryingVoiceWarning, VoiceBook, voice_turn
+from csmserve.voices import CLIP_RATE, Voice
+
+log = logging.getLogger(__name__)
 
 
 class Speech:
-    """Speaks requests on ``engine``, with the registered ``voices``, within ``settings``' budgets."""
+    """Speaks requests on ``engine``, in the ``voices`` of the book, within ``settings``' budgets."""
 
-    def __init__(self, engine: Engine, settings: Settings, voices: VoiceStore):
+    def __init__(self, engine: Engine, settings: Settings, voices: VoiceBook):
         self.engine = engine
         self.settings = settings
         self.voices = voices
+        self.warn_varying = VaryingVoiceWarning()
+        self._encoding = asyncio.Lock()  # voices are encoded one at a time (rarely: once per voice)
 
     @property
     def sample_rate(self) -> int:
@@ -41,16 +51,61 @@ class Speech:
             return StreamStats(self.sample_rate)
         return StreamStats(self.sample_rate, started=started)
 
-    def engine_request(self, request: SpeechRequest, continuation: Continuation | None = None) -> SynthesisRequest:
-        """The engine's view of ``request``: audio budget derived from the text, voice and context
-        resolved. Raises :class:`~csmserve.errors.InvalidRequest` for a voice that is not registered."""
+    async def voice_of(self, request: SpeechRequest) -> Voice | None:
+        """The registered voice ``request`` speaks in, encoded: the one it names, or the default voice
+        when it names neither a voice nor a speaker id; None: a bare speaker id. Raises
+        :class:`~csmserve.errors.InvalidRequest` (an unknown voice) or
+        :class:`~csmserve.errors.VoiceUnavailable` (the configuration names one that is not registered)."""
+        if request.voice is not None:
+            voice = self.voices.resolve(request.voice)
+        elif request.speaker_id is None and self.voices.default is not None:
+            voice = self.voices.resolve(DEFAULT)
+        else:
+            return None
+        return await self.encoded(voice) if voice.pending else voice
+
+    async def encoded(self, voice: Voice) -> Voice:
+        """``voice`` with its codes: a pending voice's clip is encoded with the engine's codec, once, and
+        the codes stored for every process that shares the voices. Safe to cancel (the codes are
+        stored only whole)."""
+        async with self._encoding:
+            current = self.voices.store.current(voice)
+            if current is None:
+                raise InvalidRequest(f"voice {voice.name!r} was deleted; list voices with GET /v1/voices", "voice")
+            if not current.pending:
+                return current
+            if not self.engine.info.ready:
+                raise NotReady()
+            clip = await anyio.to_thread.run_sync(self._read_clip, current)
+            codes = await self.engine.encode(clip)
+            stored = self.voices.store.set_codes(current.id, codes)
+            if stored is None:
+                raise InvalidRequest(f"voice {voice.name!r} was deleted; list voices with GET /v1/voices", "voice")
+            log.info("encoded voice %r (%s): %d frames", stored.name, stored.id, stored.frames)
+            return stored
+
+    def _read_clip(self, voice: Voice) -> np.ndarray:
+        path = self.voices.store.clip_path(voice.id)
+        try:
+            data = path.read_bytes()
+            return decode_clip(data, self.sample_rate, self.settings.max_voice_seconds, max_rate=CLIP_RATE)
+        except (OSError, InvalidRequest) as exc:
+            message = exc.message if isinstance(exc, InvalidRequest) else str(exc)
+            raise VoiceUnavailable(f"voice {voice.name!r}: its clip {path.name} cannot be read: {message}") from None
+
+    def engine_request(
+        self, request: SpeechRequest, voice: Voice | None = None, continuation: Continuation | None = None
+    ) -> SynthesisRequest:
+        """The engine's view of ``request`` in ``voice`` (encoded; :meth:`voice_of`): audio budget
+        derived from the text, voice and context resolved. Without a voice, on a real model, the log
+        says once per connection that the voice will vary."""
         budget = self.settings.audio_budget_ms(request.text)
         if request.max_audio_ms is not None:
             budget = min(request.max_audio_ms, self.settings.max_audio_ms)
-        voice_speaker, voice = voice_turns(request.voice, self.voices)
         speaker_id = request.speaker_id
         if speaker_id is None:
-            speaker_id = voice_speaker if voice_speaker is not None else 0
+            speaker_id = voice.speaker_id if voice is not None else 0
+        turns = (voice_turn(voice, self.voices),) if voice is not None else ()
         context = tuple(
             ContextTurn(
                 turn.speaker_id,
@@ -59,6 +114,8 @@ class Speech:
             )
             for turn in request.context
         )
+        if not turns and not any(turn.audio is not None for turn in context) and not self.engine.info.offline_model:
+            self.warn_varying(speaker_id, request.request_id)
         return SynthesisRequest(
             text=request.text,
             speaker_id=speaker_id,
@@ -67,7 +124,7 @@ class Speech:
             top_k=request.top_k,
             seed=request.seed,
             request_id=request.request_id,
-            voice=voice,
+            voice=turns,
             context=context,
             continuation=continuation,
         )
@@ -79,7 +136,8 @@ class Speech:
         flushes the sink at the end (a sentence of a stream leaves it open for the next). Raises
         :class:`~csmserve.errors.CsmServeError` (unknown voice, not ready, overloaded, failed). Safe
         to cancel: closing the iterator (or cancelling its consumer) stops generation between two frames."""
-        audio = self.engine.synthesize(self.engine_request(request, continuation))
+        voice = await self.voice_of(request)
+        audio = self.engine.synthesize(self.engine_request(request, voice, continuation))
         try:
             async for piece in audio:
                 for item in sink.feed(piece):

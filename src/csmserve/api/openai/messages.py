@@ -16,8 +16,7 @@ from csmserve.config import Settings
 from csmserve.errors import InvalidRequest
 from csmserve.server.payload import json_object
 from csmserve.speech import SpeechRequest
-from csmserve.speech.voices import SPEAKER_NAMES, VoiceChoice, choose_voice
-from csmserve.voices import VoiceStore
+from csmserve.speech.voices import SPEAKER_NAMES, VoiceBook, VoiceChoice, choose_voice
 
 MODEL_IDS = ("csm-1b", "sesame/csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 #: A valid body, shown in errors about bodies that are not one.
@@ -50,7 +49,7 @@ class SpeechBody(BaseModel):
     seed: int | None = None
 
     @classmethod
-    def parse(cls, raw: str, settings: Settings, voices: VoiceStore) -> SpeechBody:
+    def parse(cls, raw: str, settings: Settings, voices: VoiceBook) -> SpeechBody:
         """The body of a request, or :class:`InvalidRequest` for the first thing wrong with it."""
         return cls.model_validate(json_object(raw, EXAMPLE), context={"settings": settings, "voices": voices})
 
@@ -106,11 +105,14 @@ class SpeechBody(BaseModel):
     def _voice(cls, value: Any, info: ValidationInfo) -> VoiceChoice:
         if isinstance(value, dict):
             value = value.get("id")
+        voices = info.context["voices"]
+        if value is None and voices.default is not None:
+            return VoiceChoice()  # no voice named: the server's default voice (CSM_DEFAULT_VOICE)
         if not isinstance(value, str) or not value:
             raise InvalidRequest(
                 'voice must be a speaker id ("0"-"9"), a registered voice, or an OpenAI voice name', "voice"
             )
-        choice = choose_voice(value, info.context["voices"], speaker_names=True)
+        choice = choose_voice(value, voices, speaker_names=True)
         if choice is None:
             raise InvalidRequest(
                 f'unknown voice {value!r}: use a speaker id ("0"-"9"), a registered voice (GET /v1/voices), '

@@ -4,8 +4,9 @@ Tools built for OpenAI's TTS (the ``openai`` package, agent frameworks) work unc
 opus, aac, flac, wav or pcm (24 kHz s16le), as one complete file (headers with the length: any reader,
 libsndfile's included, reads it), or streamed as it is generated when the client reads a stream (the SDK's
 ``with_streaming_response``, ``"stream": true``, or server-sent events). ``voice`` takes a speaker id
-("0".."9"), a registered voice (id or name), or one of OpenAI's voice names, mapped to speaker ids
-(:data:`~csmserve.speech.voices.SPEAKER_NAMES`). ``speed`` other than 1.0 is refused with a 400: CSM
+("0".."9"), a registered voice (id or name), a name the operator mapped to one, ``default``, or one of
+OpenAI's voice names, mapped to speaker ids (:data:`~csmserve.speech.voices.SPEAKER_NAMES`); left out,
+the server's default voice. ``speed`` other than 1.0 is refused with a 400: CSM
 speaks at its own pace, and time-stretching would change the voice. The body is
 :class:`~csmserve.api.openai.messages.SpeechBody`; errors come in OpenAI's shape (:func:`error_response`).
 """
@@ -25,6 +26,7 @@ from csmserve.api.openai.messages import MODEL_IDS, SpeechBody
 from csmserve.audio.containers import make_container_encoder
 from csmserve.errors import CsmServeError, InvalidRequest, Overloaded
 from csmserve.logs import request_id
+from csmserve.server.clients import OtherClientsRoute
 from csmserve.server.state import ServerState, state_of
 from csmserve.server.streaming import collected, guarded_stream
 from csmserve.speech import AudioSink, SpeechRequest
@@ -60,13 +62,16 @@ def wants_stream(request: Request, body: SpeechBody) -> bool:
     return request.headers.get(SDK_STREAM_HEADER) == "stream"
 
 
-@router.get("/models")
 async def models() -> dict:
+    """OpenAI's model list; an ElevenLabs client (``xi-api-key``) gets ElevenLabs' at the same path."""
     created = int(time.time())
     return {
         "object": "list",
         "data": [{"id": m, "object": "model", "created": created, "owned_by": "csmserve"} for m in MODEL_IDS],
     }
+
+
+router.add_api_route("/models", models, methods=["GET"], route_class_override=OtherClientsRoute)
 
 
 @router.post("/audio/speech")

@@ -1,5 +1,7 @@
-"""The voice library, ``/v1/voices``: register a voice from a reference clip, list, show, delete.
+"""The voice library: ``/v1/voices`` and ElevenLabs' ``/v2/voices`` and ``/v1/voices/add``: register a
+voice from a reference clip, list, search, show, delete.
 
 Its own API rather than a part of one: every API speaks in these voices, and ElevenLabs' clients
-list them at the same path as csmserve's (:mod:`.routes` answers in both shapes). Never imports torch.
+manage them at the same paths as csmserve's (:mod:`.routes` answers in both shapes; :mod:`.listing`
+is what each client sees, without I/O). Never imports torch.
 """

@@ -25,8 +25,7 @@ from csmserve import __version__
 from csmserve.config import Settings
 from csmserve.errors import CsmServeError, InvalidRequest
 from csmserve.speech import SpeechRequest
-from csmserve.speech.voices import VoiceChoice, choose_voice
-from csmserve.voices import VoiceStore
+from csmserve.speech.voices import VoiceBook, VoiceChoice, choose_voice
 
 RATE, WIDTH, CHANNELS = 24_000, 2, 1
 #: CSM-1B speaks English.
@@ -87,7 +86,7 @@ def check_text(text: str, settings: Settings) -> str:
     return text
 
 
-def voice_of(voice: VoiceData | None, voices: VoiceStore, settings: Settings) -> VoiceChoice:
+def voice_of(voice: VoiceData | None, voices: VoiceBook, settings: Settings) -> VoiceChoice:
     """The voice a Wyoming ``voice`` names: a speaker id ("0".."9") or a registered voice (id or name),
     as ``info`` lists them; none (or a language only): speaker 0. Raises :class:`InvalidRequest` for a
     voice that does not exist, a ``speaker`` (csmserve's voices have none) or a language but English."""
@@ -120,7 +119,7 @@ def speech_request(choice: VoiceChoice, text: str, request_id: str) -> SpeechReq
     return SpeechRequest(text=text, speaker_id=choice.speaker_id, voice=choice.voice, request_id=request_id)
 
 
-def info_event(voices: VoiceStore, settings: Settings) -> Event:
+def info_event(voices: VoiceBook, settings: Settings) -> Event:
     """The answer to ``describe``: one text-to-speech program whose voices are the speaker ids (not
     fixed voices: the base model picks one per request) and the registered voices (their id as the
     name, their own name as the description), English, streaming supported."""
@@ -136,7 +135,7 @@ def info_event(voices: VoiceStore, settings: Settings) -> Event:
             name=voice.id, description=voice.name, attribution=MODEL, installed=True, version=None,
             languages=LANGUAGES,
         )
-        for voice in sorted(voices.list(), key=lambda v: v.name.casefold())
+        for voice in sorted(voices.store.list(), key=lambda v: v.name.casefold())
     ]
     program = TtsProgram(
         name="csmserve", description="Sesame CSM-1B on csmserve", attribution=MODEL, installed=True,

@@ -40,9 +40,8 @@ from csmserve.api.wyoming.messages import (
 from csmserve.config import Settings
 from csmserve.errors import CsmServeError, InvalidRequest
 from csmserve.speech import SentenceStream, SpeechRequest
-from csmserve.speech.voices import VoiceChoice
+from csmserve.speech.voices import VoiceBook, VoiceChoice
 from csmserve.text.sentences import SentenceBuffer
-from csmserve.voices import VoiceStore
 
 
 @dataclass(eq=False)
@@ -112,7 +111,7 @@ class Actions:
 class WyomingSession:
     """The events of one connection. ``new_id()`` names each request (the log's request id)."""
 
-    def __init__(self, voices: VoiceStore, settings: Settings, new_id: Callable[[], str]):
+    def __init__(self, voices: VoiceBook, settings: Settings, new_id: Callable[[], str]):
         self.voices = voices
         self.settings = settings
         self.new_id = new_id
