@@ -113,3 +113,17 @@ def test_a_fake_engine_process_request_before_ready_is_refused():
 
     with pytest.raises(NotReady):
         asyncio.run(ask())
+
+
+def test_one_engine_process_per_gpu_respects_the_gpus_a_scheduler_gave_us(monkeypatch):
+    """Engines are placed on the GPUs this process may use (a scheduler's CUDA_VISIBLE_DEVICES), and one
+    GPU (or none) means one engine that inherits what this process sees."""
+    from csmserve.config import Settings
+    from csmserve.engine import engine_devices
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert engine_devices(Settings(engine="fake", gpus=2)) == ["3", "5"]
+    assert engine_devices(Settings(engine="fake", gpus=1)) == [None]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert engine_devices(Settings(engine="fake", gpus=3)) == ["0", "1", "2"]
+    assert engine_devices(Settings(engine="fake")) == [None]

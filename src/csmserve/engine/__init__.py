@@ -159,7 +159,11 @@ def create_engine(settings: Settings) -> Engine:
 
 
 def engine_devices(settings: Settings) -> list[str | None]:
-    """The GPUs to run one engine process each on (``None``: whatever the process sees, e.g. a CPU)."""
+    """The GPUs to run one engine process each on, as ``CUDA_VISIBLE_DEVICES`` values (``[None]``: one
+    engine that sees what this process sees: one GPU, a CPU). Entries of this process's own
+    ``CUDA_VISIBLE_DEVICES`` (a scheduler's, such as Ray's) are kept: index 0 means its first GPU."""
+    import os
+
     count = settings.gpus
     if count is None:
         if settings.engine != "csm":
@@ -167,7 +171,10 @@ def engine_devices(settings: Settings) -> list[str | None]:
         import torch
 
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [str(index) for index in range(count)] or [None]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(count)]
+    ids = ids[:count]
+    return ids if len(ids) > 1 else [None]
 
 
 def create_local_engine(settings: Settings) -> Engine:
