@@ -13,7 +13,9 @@ no download), in the dtype the server would pick:
    simultaneous WebSocket streams of ``--frames`` frames each at ``chunk_ms`` 80, each size run twice and
    the second reported: first audio p50/p99, audio seconds per wall second, streams in real time (every
    chunk arrived before the audio before it had finished playing), p99 gap between chunks, and the step
-   times ``/metrics`` reports (wall, model-thread CPU, device) beside the bare step.
+   times ``/metrics`` reports (wall, model-thread CPU, device) beside the bare step; in three layouts,
+   side by side: the engine beside the API, the engine in its own process, and that engine fed by four
+   API workers.
 
 Every figure is printed as it is measured, and with ``$OUT`` set also written to ``$OUT/gpu_bench.json``
 (a run cut short still reports). ``--write docs/benchmarks.md`` replaces its section there.
@@ -187,13 +189,15 @@ def save_checkpoint(model, directory: Path, dtype: str) -> Path:
 
 
 @contextlib.contextmanager
-def server(model_dir: str, port: int, max_batch: int, tmp: Path):
+def server(model_dir: str, port: int, max_batch: int, tmp: Path, layout: tuple[str, int]):
+    """``csmserve serve`` in its own process, ready; ``layout``: (engine_process off/on, API workers)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CSM_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     command = [
         sys.executable, "-m", "csmserve", "serve", "--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
         "--log-level", "info", "--audio-dir", str(tmp / "audio"), "--voices-dir", str(tmp / "voices"),
         "--max-batch", str(max_batch), "--no-prefix-cache",
+        "--engine-process", layout[0], "--api-workers", str(layout[1]),
     ]
     log_path = tmp / "server.log"
     started = time.monotonic()
@@ -234,14 +238,33 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def server_table(model_dir: str, streams: list[int], frames: int) -> list[dict]:
+#: How the server runs: the engine beside the API (one process), in its own process, and fed by several
+#: API workers; each measured with the same streams, one after the other.
+LAYOUTS = (("off", 1), ("on", 1), ("on", 4))
+
+
+def layout_name(layout: tuple[str, int]) -> str:
+    engine, workers = layout
+    where = "engine in its own process" if engine == "on" else "engine beside the API"
+    return f"{where}, {workers} API worker{'s' if workers > 1 else ''}"
+
+
+def server_table(model_dir: str, streams: list[int], frames: int, layouts=LAYOUTS) -> list[dict]:
+    rows = []
+    for layout in layouts:
+        say(f" {layout_name(layout)}:")
+        rows += server_rows(model_dir, streams, frames, layout)
+    return rows
+
+
+def server_rows(model_dir: str, streams: list[int], frames: int, layout: tuple[str, int]) -> list[dict]:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, server(model_dir, port, max(streams), Path(tmp)):
+    with tempfile.TemporaryDirectory() as tmp, server(model_dir, port, max(streams), Path(tmp), layout):
         for n in streams:
             for attempt in range(2):  # the first pays any one-off set-up: report the second
                 started = time.monotonic()
@@ -252,7 +275,8 @@ def server_table(model_dir: str, streams: list[int], frames: int) -> list[dict]:
             ttfa = [1000 * r["ttfa"] for r in runs]
             gaps = [1000 * g for r in runs for g in r["gaps"]]
             row = {
-                "streams": n, "p50_ttfa_ms": percentile(ttfa, 50), "p99_ttfa_ms": percentile(ttfa, 99),
+                "layout": layout_name(layout), "streams": n,
+                "p50_ttfa_ms": percentile(ttfa, 50), "p99_ttfa_ms": percentile(ttfa, 99),
                 "audio_per_wall": sum(r["audio_s"] for r in runs) / max(r["end"] for r in runs),
                 "real_time": sum(r["real_time"] for r in runs), "worst_behind_ms": 1000 * max(r["behind"] for r in runs),
                 "p99_gap_ms": percentile(gaps, 99), "first_run_wall_s": first_wall, "wall_s": wall,
@@ -292,14 +316,15 @@ def render(device_name: str, dtype: str, bare: list[dict], server_rows: list[dic
             f"The server, N WebSocket streams started together, {args.frames} frames (80 ms) each, chunk_ms 80 "
             "(second run of each size):",
             "",
-            "| streams | first audio p50 ms | p99 ms | audio s per wall s | streams in real time | p99 gap ms | step ms (cpu, device) |",
-            "|---|---|---|---|---|---|---|",
+            "| layout | streams | first audio p50 ms | p99 ms | audio s per wall s | streams in real time | p99 gap ms "
+            "| step ms (cpu, device) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in server_rows:
             step = f"{r['step_ms']:.1f}" if r["step_ms"] is not None else "-"
             cpu = f"{r['step_cpu_ms']:.1f}" if r["step_cpu_ms"] is not None else "-"
             dev = f"{r['step_device_ms']:.1f}" if r["step_device_ms"] is not None else "-"
-            lines.append(f"| {r['streams']} | {r['p50_ttfa_ms']:.0f} | {r['p99_ttfa_ms']:.0f} | {r['audio_per_wall']:.1f} | "
+            lines.append(f"| {r['layout']} | {r['streams']} | {r['p50_ttfa_ms']:.0f} | {r['p99_ttfa_ms']:.0f} | {r['audio_per_wall']:.1f} | "
                          f"{r['real_time']} of {r['streams']} | {r['p99_gap_ms']:.0f} | {step} ({cpu}, {dev}) |")
     return "\n".join(lines)
 

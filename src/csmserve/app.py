@@ -20,7 +20,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from csmserve import __version__
 from csmserve.api.elevenlabs import routes as elevenlabs
@@ -129,7 +129,7 @@ def build_app(state: ServerState, on_load_failed: Callable[[CsmServeError], None
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(CsmServeError)
     async def _csm_error(_request: Request, exc: CsmServeError) -> JSONResponse:

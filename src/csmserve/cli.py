@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
-import time
 import typing
 from pathlib import Path
 
 from csmserve.config import Settings
-
-EXIT_LOAD_FAILED = 3
+from csmserve.processes import EXIT_LOAD_FAILED  # noqa: F401 - the exit code for a model that cannot load
 
 
 def _flag_type(annotation):
@@ -65,53 +62,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-class DrainingServer:
-    """uvicorn's server, with a graceful drain on SIGTERM/SIGINT.
-
-    First signal: the app stops admitting (``/ready`` 503, new WebSocket requests closed 1013) and
-    in-flight streams get up to ``drain_timeout_s`` to finish; then uvicorn shuts down. A second
-    signal exits at once.
-    """
-
-    def __init__(self, config, state):
-        import uvicorn
-
-        self.state = state
-        outer = self
-
-        class _Server(uvicorn.Server):
-            def handle_exit(self, sig, frame):
-                if outer.state.admission.draining or self.should_exit:
-                    return super().handle_exit(sig, frame)
-                outer.state.admission.draining = True
-                logging.getLogger("csmserve").warning(
-                    "draining: %d stream(s) in flight, up to %.0f s", outer.state.admission.active, outer.state.settings.drain_timeout_s
-                )
-                outer.loop.call_soon_threadsafe(lambda: outer.loop.create_task(outer.drain()))
-
-        self.server = _Server(config)
-        self.loop = None
-
-    async def drain(self) -> None:
-        deadline = time.monotonic() + self.state.settings.drain_timeout_s
-        while self.state.admission.active > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        logging.getLogger("csmserve").warning("drained (%d stream(s) left); shutting down", self.state.admission.active)
-        self.server.should_exit = True
-
-    async def serve(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        await self.server.serve()
-
-    @property
-    def should_exit(self) -> bool:
-        return self.server.should_exit
-
-    @should_exit.setter
-    def should_exit(self, value: bool) -> None:
-        self.server.should_exit = value
-
-
 def configured(args: argparse.Namespace) -> Settings | None:
     """The settings a server command runs with (flags over ``CSM_*``), logging set up by them; None
     (said on stderr) when they are invalid."""
@@ -132,23 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = configured(args)
     if settings is None:
         return 2
-    from csmserve.app import create_app
-    from csmserve.server.serving import uvicorn_config
+    from csmserve.processes import serve
 
-    failure: list = []
-
-    def on_load_failed(error) -> None:
-        failure.append(error)
-        server.should_exit = True
-
-    app = create_app(settings, on_load_failed=on_load_failed)
-    config = uvicorn_config(app, settings)
-    server = DrainingServer(config, app.state.csm)
-    asyncio.run(server.serve())
-    if failure:
-        print(f"error: {failure[0].message}", file=sys.stderr)
-        return EXIT_LOAD_FAILED
-    return 0
+    return serve(settings)
 
 
 def cmd_wyoming(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ Never imports torch: ``csmserve --help`` and the protocol layer must stay light.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -96,6 +97,41 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
 
     fake_frame_delay_ms: float = Field(0.0, ge=0, description="fake engine only: time per 80 ms frame.")
+
+    # Processes
+    engine_process: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "Run the engine in its own process (one per GPU), fed by the API over local sockets: the model "
+            "thread never waits for the API's interpreter lock, several API workers can feed one GPU, and a "
+            "failed GPU restarts the engine, not the service. auto: on with the CSM engine on a GPU, or when "
+            "api_workers is above 1; off otherwise (tests, a CPU)."
+        ),
+    )
+    api_workers: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "HTTP/WebSocket worker processes, all feeding the engine process(es). Unset: 1, or on a GPU host "
+            "one per four CPU cores (at most 8)."
+        ),
+    )
+    gpus: int | None = Field(
+        None, ge=1, description="GPUs to serve on, one engine process each (unset: every visible GPU)."
+    )
+    engine_heartbeat_timeout_s: float = Field(
+        3.0,
+        gt=0,
+        description=(
+            "An engine process silent for this long is taken for dead: its streams end with an error and "
+            "/ready says why until it is back."
+        ),
+    )
+    engine_address: str | None = Field(
+        None,
+        description="Connect to an engine process already running at this ipc:// address (set by csmserve "
+        "for its own API workers; not for operators).",
+    )
 
     # Server
     host: str = Field("0.0.0.0", description="Address to listen on.")
@@ -269,6 +305,22 @@ class Settings(BaseSettings):
             raise ValueError("min_speaker_id must not exceed max_speaker_id")
         return self
 
+    def uses_engine_process(self) -> bool:
+        """Whether the engine runs in a process of its own (``engine_process``, resolved)."""
+        if self.engine_process != "auto":
+            return self.engine_process == "on"
+        if (self.api_workers or 1) > 1:
+            return True
+        return self.engine == "csm" and self.device != "cpu" and _cuda_available()
+
+    def resolved_api_workers(self) -> int:
+        """``api_workers``, or its default: 1, or one per four cores on a GPU host (at most 8)."""
+        if self.api_workers is not None:
+            return self.api_workers
+        if self.engine == "csm" and self.device != "cpu" and _cuda_available():
+            return max(1, min(8, (os.cpu_count() or 1) // 4))
+        return 1
+
     def resolved_max_batch(self, device: str) -> int:
         """``max_batch``, or its default for ``device`` ("cuda..." or "cpu"; on a GPU the engine lowers
         it to what fits in memory)."""
@@ -329,6 +381,14 @@ class Settings(BaseSettings):
     def audio_budget_ms(self, text: str) -> int:
         """Default maximum audio for ``text``: proportional to its length, within the server cap."""
         return min(self.max_audio_ms, max(self.min_audio_ms, len(text) * self.ms_per_char))
+
+
+def _cuda_available() -> bool:
+    """Whether a CUDA device is visible, without importing torch (config never imports it): the NVIDIA
+    driver's device nodes, narrowed by ``CUDA_VISIBLE_DEVICES`` when it hides every GPU."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
 
 
 def _lines(path: Path, setting: str) -> list[str]:

@@ -6,14 +6,18 @@ import json
 import re
 from pathlib import Path
 
+from csmserve.engine import Capacity
 from csmserve.metrics import Metrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "csmserve-replicas.json"
 
 
 def exported_names() -> set[str]:
-    """Every sample name the exposition has (counters' _total, histograms' _bucket/_sum/_count)."""
-    return {sample.name for family in Metrics().registry.collect() for sample in family.samples}
+    """Every sample name the exposition has (counters' _total, histograms' _bucket/_sum/_count), the
+    engine's figures included (read from its capacity at scrape time)."""
+    metrics = Metrics()
+    metrics.watch_capacity(lambda: Capacity(max_batch=8))
+    return {sample.name for family in metrics.registry.collect() for sample in family.samples}
 
 
 def test_every_panel_queries_metrics_that_csmserve_exports_per_replica():

@@ -8,9 +8,10 @@ that was chosen.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -36,18 +37,17 @@ class ContextTurn:
     audio: np.ndarray | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Continuation:
-    """What one audio stream carries from one generation to the next (text streamed sentence by
-    sentence): the previous sentence as context, and the engine's own state, so the sentences sound
-    like one voice and join without a seam. Owned by one stream; mutable; freed with it.
+    """Names one audio stream spoken in several requests (text streamed sentence by sentence), so the
+    sentences sound like one voice and join without a seam.
 
-    ``engine_state`` is opaque outside the engine that wrote it: the CSM engine saves its codec row's
-    streaming state there when a request leaves its row (restored into whichever row the next request
-    gets); the fake engine, its tone's frame count."""
+    Plain data: what carries over (the previous sentence as context, the codec's streaming state) stays
+    inside the engine under ``id``, wherever the engine runs. The stream's owner calls
+    :meth:`Engine.release` when the stream ends; an engine also forgets the least recently used ones
+    beyond a bound, so a stream that vanishes without releasing costs nothing for long."""
 
-    previous: ContextTurn | None = None
-    engine_state: Any = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,10 @@ class Engine(Protocol):
     async def encode(self, audio: np.ndarray) -> np.ndarray:
         """Codec codes ``(frames, 32)`` for mono float32 audio at ``sample_rate`` (voices)."""
 
+    def release(self, continuation: Continuation) -> None:
+        """Forget what ``continuation``'s stream carried (it ended). Safe to call from the event loop,
+        more than once, and for a continuation the engine never saw."""
+
     def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
         """Audio for ``request`` as float32 mono pieces at ``sample_rate``, each yielded as soon as
         it exists. Safe to cancel: closing the iterator (or cancelling the task iterating it) stops
@@ -137,7 +141,44 @@ class Engine(Protocol):
 
 
 def create_engine(settings: Settings) -> Engine:
-    """The engine ``settings.engine`` names, not yet started."""
+    """The engine ``settings`` ask for, not yet started: in this process, in an engine process of its own
+    (one per GPU), or the engine process an API worker connects to (``engine_address``)."""
+    if settings.engine_address:
+        from csmserve.engine.client import EngineClient, EngineGroup
+
+        clients = [EngineClient(settings, address) for address in settings.engine_address.split(",")]
+        return clients[0] if len(clients) == 1 else EngineGroup(clients)
+    if not settings.uses_engine_process():
+        return create_local_engine(settings)
+    from csmserve.engine.client import EngineGroup, ProcessEngine
+
+    devices = engine_devices(settings)
+    if len(devices) == 1:
+        return ProcessEngine(settings, device=devices[0])
+    return EngineGroup([ProcessEngine(settings, device=device) for device in devices])
+
+
+def engine_devices(settings: Settings) -> list[str | None]:
+    """The GPUs to run one engine process each on, as ``CUDA_VISIBLE_DEVICES`` values (``[None]``: one
+    engine that sees what this process sees: one GPU, a CPU). Entries of this process's own
+    ``CUDA_VISIBLE_DEVICES`` (a scheduler's, such as Ray's) are kept: index 0 means its first GPU."""
+    import os
+
+    count = settings.gpus
+    if count is None:
+        if settings.engine != "csm":
+            return [None]
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(count)]
+    ids = ids[:count]
+    return ids if len(ids) > 1 else [None]
+
+
+def create_local_engine(settings: Settings) -> Engine:
+    """The engine ``settings.engine`` names, in this process (its model thread beside the event loop)."""
     if settings.engine == "fake":
         from csmserve.engine.fake import FakeEngine
 

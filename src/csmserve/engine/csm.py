@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from csmserve.config import DEFAULT_MODEL, OFFLINE_MODEL, Settings
-from csmserve.engine import FRAME_MS, Capacity, EngineInfo, SynthesisRequest
+from csmserve.engine import FRAME_MS, Capacity, Continuation, EngineInfo, SynthesisRequest
 from csmserve.engine.scheduler import Piece, Row, SlotCopy
 from csmserve.engine.worker import Frame, ModelWorker, Stream, synthesize_on
 
@@ -154,12 +154,12 @@ class CsmSteps:
             out.append(Turn(turn.speaker_id, turn.text, codes))
         return out
 
-    def _start(self, request: SynthesisRequest) -> _Utterance:
+    def _start(self, request: SynthesisRequest, carry: dict) -> _Utterance:
         from csmserve.engine.prompt import PromptBuilder
         from csmserve.text.sentences import chunk_for_window, split_sentences
 
-        carry = request.continuation
-        context = self._turns(request.context) + ([carry.previous] if carry and carry.previous else [])
+        previous = carry.get("previous")
+        context = self._turns(request.context) + ([previous] if previous is not None else [])
         return _Utterance(
             builder=PromptBuilder(self.loaded.processor.tokenizer, self.runner),
             voice=self._turns(request.voice),
@@ -176,14 +176,14 @@ class CsmSteps:
 
         request = stream.request
         if stream.state is None:
-            stream.state = self._start(request)
+            stream.state = self._start(request, stream.carry)
         u: _Utterance = stream.state
         if u.generated:  # the piece that just ended: the next one hears it (same voice, continuous prosody)
             last = Turn(request.speaker_id, u.pieces[u.index], np.stack(u.generated))
             u.context.append(last)
             u.remaining -= len(u.generated)
             if request.continuation is not None:
-                request.continuation.previous = last
+                stream.carry["previous"] = last
             u.generated = []
         u.index += 1
         if u.index >= len(u.pieces) or u.remaining <= 0:
@@ -209,9 +209,9 @@ class CsmSteps:
         return Piece(length=length, max_frames=min(budget, window - length), key=key)
 
     def enter(self, stream: Stream, slot: int) -> None:
-        carry = stream.request.continuation
-        if carry is not None and carry.engine_state is not None:  # the stream's codec state: no seam
-            self.decoder.load(slot, carry.engine_state)
+        codec = stream.carry.get("codec")
+        if codec is not None:  # the text stream's codec state: no seam
+            self.decoder.load(slot, codec)
         else:
             self.decoder.reset([slot])
 
@@ -242,9 +242,8 @@ class CsmSteps:
         return frames
 
     def leave(self, stream: Stream, slot: int) -> None:
-        carry = stream.request.continuation
-        if carry is not None:
-            carry.engine_state = self.decoder.save(slot)
+        if stream.request.continuation is not None:
+            stream.carry["codec"] = self.decoder.save(slot)
 
 
 class CsmEngine:
@@ -295,6 +294,11 @@ class CsmEngine:
 
     def capacity(self) -> Capacity:
         return self._worker.capacity()
+
+    @property
+    def worker(self) -> ModelWorker:
+        """The model thread (an engine process bridges to it)."""
+        return self._worker
 
     # -- worker thread ------------------------------------------------------------------------
     def _load(self) -> None:
@@ -399,3 +403,6 @@ class CsmEngine:
 
     def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
         return synthesize_on(self._worker, self.info, request)
+
+    def release(self, continuation: Continuation) -> None:
+        self._worker.release(continuation.id)

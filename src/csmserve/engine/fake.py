@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from csmserve.engine import FRAME_MS, Capacity, EngineInfo, SynthesisRequest
+from csmserve.engine import FRAME_MS, Capacity, Continuation, EngineInfo, SynthesisRequest
 from csmserve.engine.scheduler import Piece, Row, SlotCopy
 from csmserve.engine.worker import Frame, ModelWorker, Stream, synthesize_on
 
@@ -62,6 +62,11 @@ class FakeEngine:
     def capacity(self) -> Capacity:
         return self._worker.capacity()
 
+    @property
+    def worker(self) -> ModelWorker:
+        """The model thread (an engine process bridges to it)."""
+        return self._worker
+
     def num_frames(self, request: SynthesisRequest) -> int:
         return max(1, min(request.max_audio_ms // FRAME_MS, 2 + len(request.text) // 4))
 
@@ -83,8 +88,7 @@ class FakeEngine:
     def next_piece(self, stream: Stream) -> Piece | None:
         if stream.state is not None:
             return None
-        carry = stream.request.continuation
-        stream.state = carry.engine_state if carry is not None and carry.engine_state is not None else 0
+        stream.state = stream.carry.get("phase", 0)  # where a continued stream's tone stands
         self.frames_made.setdefault(stream.request.request_id, 0)
         return Piece(length=0, max_frames=self.num_frames(stream.request))
 
@@ -117,9 +121,8 @@ class FakeEngine:
         return frames
 
     def leave(self, stream: Stream, slot: int) -> None:
-        carry = stream.request.continuation
-        if carry is not None:  # where the tone's phase stands, for the stream's next request
-            carry.engine_state = stream.state + stream.frames
+        if stream.request.continuation is not None:  # where the tone's phase stands, for its next request
+            stream.carry["phase"] = stream.state + stream.frames
 
     async def encode(self, audio: np.ndarray) -> np.ndarray:
         """Stand-in codes ``(frames, 32)``: one frame per 1920 samples, derived from the audio."""
@@ -129,3 +132,6 @@ class FakeEngine:
 
     def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
         return synthesize_on(self._worker, self.info, request)
+
+    def release(self, continuation: Continuation) -> None:
+        self._worker.release(continuation.id)

@@ -9,9 +9,10 @@ its prompt's prefill). A frame goes to the stream's bounded channel only when th
 reader never slows the batch, and after ``max_lag_s`` without credit it is dropped
 (:class:`ClientTooSlow`). Cancelling (closing the iterator) frees the row at the next step.
 
-A step's frames reach the event loop in one hand-over (one ``call_soon_threadsafe`` per loop per step,
-fanned out to the streams' channels there): per-row wake-ups of the loop would cost the model thread
-the interpreter lock once per row. Each step's wall time, the thread's CPU time and the device's time
+A step's frames reach their consumers in one hand-over per :class:`Sink` per step: in this process, one
+``call_soon_threadsafe`` per event loop, fanned out to the streams' channels there (per-row wake-ups of
+the loop would cost the model thread the interpreter lock once per row); in the engine process
+(``core.py``), one message per API worker. Each step's wall time, the thread's CPU time and the device's time
 are kept for ``/metrics``: wall minus CPU is time spent waiting (for the device, or for the lock).
 
 An exception in a step ends the streams in that step with an error (classified: out of memory frees
@@ -28,6 +29,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -48,13 +50,16 @@ from csmserve.errors import (
 
 log = logging.getLogger(__name__)
 
-_END = object()
+#: The last item of a stream that ended well.
+END = object()
 #: How long the idle thread sleeps between checks for cancelled or stalled streams.
 _TICK_S = 0.05
 
 
 @dataclass
-class _Failure:
+class Failure:
+    """The last item of a stream that failed."""
+
     error: BaseException
 
 
@@ -93,18 +98,77 @@ class StepModel(Protocol):
         """``stream`` leaves ``slot`` (keep what its continuation needs)."""
 
 
+class Sink(Protocol):
+    """Where a stream's items go: ``deliver`` gets one step's items for all of its streams at once (on
+    the worker thread; it must not block). An item is a float32 audio frame, :data:`END` or a
+    :class:`Failure`."""
+
+    def deliver(self, items: list[tuple[Stream, Any]]) -> None: ...
+
+
+class LoopSink:
+    """Streams consumed by coroutines on ``loop``: one ``call_soon_threadsafe`` per step puts every item
+    into its stream's ``channel``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        #: Hand-overs to the loop so far.
+        self.handovers = 0
+
+    def deliver(self, items: list[tuple[Stream, Any]]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_deliver, items)
+            self.handovers += 1
+        except RuntimeError:  # the loop is closed: nobody is listening
+            for stream, _ in items:
+                stream.cancelled.set()
+
+
 @dataclass(eq=False)
 class Stream:
-    """One request crossing from the loop to the worker and back. ``state``: the model's own data."""
+    """One request crossing to the worker and its audio going back. ``credit``: frames the consumer has
+    room for (the consumer releases one per frame it takes); ``channel``: the items, for a
+    :class:`LoopSink`'s consumer; ``state``: the model's own data; ``carry``: what the request's
+    continuation carries between requests (:class:`ContinuationStore`; the model's to fill)."""
 
     request: SynthesisRequest
-    channel: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
+    sink: Sink
     credit: threading.Semaphore
+    channel: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     state: Any = None
+    carry: dict = field(default_factory=dict)
     stalled_since: float | None = None
     frames: int = 0
+
+
+class ContinuationStore:
+    """What each text stream carries between its requests, by :class:`~csmserve.engine.Continuation` id
+    (the model's own objects: a codec state, the previous sentence). Worker thread only; the least
+    recently used are forgotten beyond ``limit``."""
+
+    def __init__(self, limit: int = 4096):
+        self.limit = limit
+        self._items: OrderedDict[str, dict] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, continuation) -> dict:
+        """The mutable state of ``continuation`` (a new empty one the first time); ``{}`` for ``None``."""
+        if continuation is None:
+            return {}
+        state = self._items.get(continuation.id)
+        if state is None:
+            state = self._items[continuation.id] = {}
+            while len(self._items) > self.limit:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(continuation.id)
+        return state
+
+    def release(self, continuation_id: str) -> None:
+        self._items.pop(continuation_id, None)
 
 
 class ModelWorker:
@@ -143,10 +207,12 @@ class ModelWorker:
         self.last_batch = 0
         #: Streams the device holds in real time (set by the engine after it measured its steps).
         self.realtime_streams: int | None = None
-        #: Items for the event loops, handed over once per step (:meth:`_flush`).
+        #: Items for the sinks, handed over once per step (:meth:`_flush`).
         self._outbox: list[tuple[Stream, Any]] = []
-        #: Hand-overs to an event loop so far (one per loop per step that had something to deliver).
-        self.handovers = 0
+        self._sinks: dict[asyncio.AbstractEventLoop, LoopSink] = {}
+        #: Each text stream's state between its requests (the model's; worker thread only).
+        self.continuations = ContinuationStore()
+        self._released: queue.SimpleQueue[str] = queue.SimpleQueue()
 
     def attach(self, model: StepModel, max_batch: int, prefill_chunk: int | None = None) -> None:
         """Serve ``model`` with ``max_batch`` rows and ``prefill_chunk`` prompt positions per step (once the
@@ -203,34 +269,54 @@ class ModelWorker:
         self._wake.set()
         return await future
 
-    async def stream(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
-        """Queue ``request`` and yield its audio as it comes. Raises :class:`Overloaded` when the queue
-        is full, the step's :class:`CsmServeError` when generation fails. Safe to cancel: leaving the
-        loop early frees the stream's row at the next step."""
-        stream = Stream(
-            request,
-            asyncio.Queue(maxsize=self.max_buffered + 2),  # credit bounds the frames; + room for the end
-            asyncio.get_running_loop(),
-            threading.Semaphore(self.max_buffered),
-        )
+    def submit(self, stream: Stream) -> None:
+        """Queue ``stream`` for a row (thread-safe); raises :class:`Overloaded` when the queue is full."""
         try:
             self._streams.put_nowait(stream)
         except queue.Full:
             raise Overloaded("the server is busy; try again shortly") from None
         self._wake.set()
+
+    def cancel(self, stream: Stream) -> None:
+        """Stop ``stream`` (thread-safe): its row is freed at the next step."""
+        stream.cancelled.set()
+        self._wake.set()
+
+    def grant(self, stream: Stream, frames: int = 1) -> None:
+        """The consumer took ``frames`` frames (thread-safe): room for as many more."""
+        stream.credit.release(frames)
+        self._wake.set()
+
+    def release(self, continuation_id: str) -> None:
+        """Forget a text stream's carried state (thread-safe; done between two steps)."""
+        self._released.put(continuation_id)
+
+    def new_stream(self, request: SynthesisRequest, sink: Sink) -> Stream:
+        """A stream for ``request`` delivering to ``sink``, with credit for ``max_buffered`` frames."""
+        return Stream(request, sink, threading.Semaphore(self.max_buffered))
+
+    async def stream(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
+        """Queue ``request`` and yield its audio as it comes. Raises :class:`Overloaded` when the queue
+        is full, the step's :class:`CsmServeError` when generation fails. Safe to cancel: leaving the
+        loop early frees the stream's row at the next step."""
+        loop = asyncio.get_running_loop()
+        sink = self._sinks.get(loop)
+        if sink is None:
+            sink = self._sinks[loop] = LoopSink(loop)
+        stream = self.new_stream(request, sink)
+        stream.channel = asyncio.Queue(maxsize=self.max_buffered + 2)  # credit bounds the frames; + the end
+        self.submit(stream)
         try:
             while True:
                 item = await stream.channel.get()
-                if item is _END:
+                if item is END:
                     return
-                if isinstance(item, _Failure):
+                if isinstance(item, Failure):
                     raise item.error
-                stream.credit.release()
-                self._wake.set()
+                self.grant(stream)
                 yield item
         finally:
-            stream.cancelled.set()
-            self._wake.set()
+            self.cancel(stream)
 
     # -- the worker thread ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -262,6 +348,11 @@ class ModelWorker:
     def _run_calls(self) -> None:
         while True:
             try:
+                self.continuations.release(self._released.get_nowait())
+            except queue.Empty:
+                break
+        while True:
+            try:
                 call = self._calls.get_nowait()
             except queue.Empty:
                 return
@@ -279,11 +370,12 @@ class ModelWorker:
                 return
             if stream.cancelled.is_set():
                 continue
+            stream.carry = self.continuations.get(stream.request.continuation)
             row = Row(stream)
             try:
                 piece = self.model.next_piece(stream)
                 if piece is None:
-                    self._send(stream, _END)
+                    self._send(stream, END)
                     continue
                 self.scheduler.place(row, piece)
                 self.model.enter(stream, row.slot)
@@ -360,14 +452,14 @@ class ModelWorker:
                 log.exception("freeing a stream's slot failed")
                 keep_cache = False
         self.scheduler.release(row, keep_cache=keep_cache)
-        self._send(row.stream, _END if error is None else _Failure(error))
+        self._send(row.stream, END if error is None else Failure(error))
 
     def _fail_all(self, error: CsmServeError) -> None:
         for row in list(self.scheduler.rows):
             self._end(row, error)
         while True:
             try:
-                self._send(self._streams.get_nowait(), _Failure(error))
+                self._send(self._streams.get_nowait(), Failure(error))
             except queue.Empty:
                 return
 
@@ -376,18 +468,18 @@ class ModelWorker:
         self._outbox.append((stream, item))
 
     def _flush(self) -> None:
-        """Hand every queued item to its event loop: one ``call_soon_threadsafe`` per loop."""
+        """Hand every queued item to its stream's sink: one hand-over per sink."""
         if not self._outbox:
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, Any]]] = {}
+        by_sink: dict[int, tuple[Sink, list[tuple[Stream, Any]]]] = {}
         for stream, item in self._outbox:
-            by_loop.setdefault(stream.loop, []).append((stream, item))
+            by_sink.setdefault(id(stream.sink), (stream.sink, []))[1].append((stream, item))
         self._outbox = []
-        for loop, items in by_loop.items():
+        for sink, items in by_sink.values():
             try:
-                loop.call_soon_threadsafe(_deliver, items)
-                self.handovers += 1
-            except RuntimeError:  # the loop is closed: nobody is listening
+                sink.deliver(items)
+            except Exception:  # noqa: BLE001 - one sink's failure must not stop the worker
+                log.exception("delivering a step's items failed")
                 for stream, _ in items:
                     stream.cancelled.set()
 
@@ -409,7 +501,8 @@ class ModelWorker:
 
 
 def _deliver(items: list[tuple[Stream, Any]]) -> None:
-    """On the event loop: each item into its stream's channel (credit guarantees room)."""
+    """On the event loop: each item into its stream's channel (credit guarantees room). A
+    :class:`LoopSink`'s hand-over."""
     for stream, item in items:
         try:
             stream.channel.put_nowait(item)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
@@ -164,6 +165,9 @@ class SentenceStream:
         self.speech = speech
         self.sink = sink
         self.continuation = Continuation()
+        # The engine keeps what the stream carries until told it ended (or, at the latest, until it
+        # forgets the least recently used): tell it when this stream goes, however it goes.
+        self._release = weakref.finalize(self, speech.engine.release, self.continuation)
 
     @property
     def stats(self) -> StreamStats:
@@ -178,5 +182,6 @@ class SentenceStream:
         return self.sink.cut()
 
     def finish(self) -> list[Outgoing]:
-        """The end of the stream: what the sink still holds."""
+        """The end of the stream: what the sink still holds. The engine forgets the stream's state."""
+        self._release()
         return self.sink.finish()
