@@ -145,23 +145,24 @@ class ContextRunner:
             if tail:
                 await conn.socket.send_json(audio_message(tail, self.context_id))
         self.count("cancelled" if self.stopped else "ok")
+        conn.session.ended(self.context)  # its audio has ended: it no longer counts toward the socket's contexts
         await conn.socket.send_json(final_message(self.context_id))
-        conn.session.ended(self.context)
 
     async def speak(self, sentence: str, audio: SentenceStream, first: bool) -> None:
         """Generate one sentence and send its audio; the last chunk carries the sentence's alignment.
         A failure (the deadline too) is counted, then said to the client with the slot already free."""
         conn, state = self.connection, self.connection.state
         current_request_id.set(self.context.id)  # the log filter strips its control characters
+        tenant = conn.socket.tenant
         try:
-            state.admission.enter(ENDPOINT)
+            state.admission.enter(ENDPOINT, tenant)
         except Overloaded as exc:
             self.count("rejected")
             await conn.refuse(exc, "overloaded", "too_many_concurrent_requests")
         start = audio.stats.samples
         failure: CsmServeError | None = None
         try:
-            request = speech_request(conn.voice, sentence, seed=conn.query.seed, request_id=self.context.id)
+            request = speech_request(conn.voice, sentence, seed=conn.query.seed, request_id=self.context.id, tenant=tenant)
             with deadline(conn.settings.request_timeout_s):
                 async with contextlib.aclosing(audio.speak(request)) as chunks:
                     async for chunk in chunks:  # closed on any exit: the engine stops generating
@@ -174,7 +175,7 @@ class ContextRunner:
             log.exception("context %s failed", clean_id(self.context.id))
             failure = GenerationFailed("generation failed")
         finally:
-            state.admission.leave()
+            state.admission.leave(tenant)
         if failure is not None:
             self.count(outcome_of(failure))
             log.warning("context %s failed: %s", clean_id(self.context.id), failure.message)
