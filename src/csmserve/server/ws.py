@@ -26,7 +26,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 
 from csmserve.errors import ClientTooSlow, CsmServeError, MessageTooLarge, Overloaded, Unauthorized
 from csmserve.server.admission import SHUTTING_DOWN, WAITING_ROOM_FULL
-from csmserve.server.auth import presented_key
+from csmserve.server.auth import presented_key, tenant_of
 from csmserve.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ class Socket:
         self.state = state
         self.settings = state.settings
         self.authenticated = authenticated
+        #: Whom the socket's requests act for (its key's id, or its client address); set with the key.
+        self.tenant: str | None = tenant_of(websocket, state.keys) if authenticated else None
         self.send_lock = asyncio.Lock()
         #: The first failure a child task reported (:meth:`fail`); it ends the connection.
         self.failure: BaseException | None = None
@@ -116,9 +118,10 @@ class Socket:
 
     def accept_key(self, key: str | None) -> bool:
         """Whether ``key`` (from a message) is valid; if so the socket leaves the waiting room."""
-        if not self.state.keys.valid(key):
+        key_id = self.state.keys.key_id(key)
+        if key_id is None:
             return False
-        self.authenticated = True
+        self.authenticated, self.tenant = True, key_id
         self.release()
         return True
 

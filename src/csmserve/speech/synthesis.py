@@ -69,6 +69,7 @@ class Speech:
             voice=voice,
             context=context,
             continuation=continuation,
+            tenant=request.tenant,
         )
 
     async def stream(

@@ -71,10 +71,10 @@ class Speech:
 
     def __init__(
         self, state: ServerState, voice: VoiceChoice, text: str, output: OutputFormat, seed: int | None,
-        previous: str | None,
+        previous: str | None, tenant: str | None = None,
     ):
         self.state, self.voice, self.text, self.output = state, voice, text, output
-        self.seed, self.previous = seed, previous
+        self.seed, self.previous, self.tenant = seed, previous, tenant
 
     def _context(self) -> tuple[Turn, ...]:
         """``previous_text`` as a text-only turn of the speaker (a registered voice's own speaker id)."""
@@ -90,7 +90,9 @@ class Speech:
         audio = speech.sentences(output_sink(self.output, speech.stats(), self.state.settings.default_chunk_ms))
         for i, sentence in enumerate(split_sentences(self.text)):
             context = self._context() if i == 0 else ()
-            request = speech_request(self.voice, sentence, seed=self.seed, request_id=request_id.get(), context=context)
+            request = speech_request(
+                self.voice, sentence, seed=self.seed, request_id=request_id.get(), context=context, tenant=self.tenant
+            )
             start = audio.stats.samples
             async with contextlib.aclosing(audio.speak(request)) as chunks:
                 async for chunk in chunks:
@@ -132,7 +134,8 @@ async def parse(request: Request, voice_id: str) -> Speech | JSONResponse:
     if voice is None:
         return detail(404, "voice_not_found", voice_not_found(voice_id))
     # Blank previous_text says nothing: no context turn (a text-only turn needs words).
-    return Speech(state, voice, text, output, seed, previous if previous and previous.strip() else None)
+    previous = previous if previous and previous.strip() else None
+    return Speech(state, voice, text, output, seed, previous, state.tenant(request))
 
 
 async def respond(voice_id: str, request: Request, *, streamed: bool, timestamps: bool) -> Response:
@@ -143,7 +146,7 @@ async def respond(voice_id: str, request: Request, *, streamed: bool, timestamps
     if streamed:
         body = timed_lines(speech) if timestamps else audio_bytes(speech)
         media_type = "application/x-ndjson" if timestamps else speech.output.media_type
-        return await guarded_stream(speech.state, ENDPOINT, body, media_type, error_response)
+        return await guarded_stream(speech.state, ENDPOINT, body, media_type, error_response, tenant=speech.tenant)
     return await whole_file(request, speech, timestamps)
 
 
@@ -159,7 +162,7 @@ async def whole_file(request: Request, speech: Speech, timestamps: bool) -> Resp
                 if span is not None:
                     spans.append(span)
 
-    failure = await collected(request, speech.state, ENDPOINT, collect, error_response)
+    failure = await collected(request, speech.state, ENDPOINT, collect, error_response, tenant=speech.tenant)
     if failure is not None:
         return failure
     if not timestamps:

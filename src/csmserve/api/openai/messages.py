@@ -132,10 +132,10 @@ class SpeechBody(BaseModel):
             raise InvalidRequest(f"seed must be an integer from 0 to {MAX_SEED}", "seed")
         return value
 
-    def to_speech_request(self, request_id: str | None) -> SpeechRequest:
-        """What to say, in the chosen voice (a registered voice speaks as its own speaker)."""
+    def to_speech_request(self, request_id: str | None, tenant: str | None = None) -> SpeechRequest:
+        """What to say, in the chosen voice (a registered voice speaks as its own speaker), for ``tenant``."""
         return SpeechRequest(
             text=self.input, speaker_id=self.voice.speaker_id, voice=self.voice.voice, seed=self.seed,
-            request_id=request_id,
+            request_id=request_id, tenant=tenant,
         )
 

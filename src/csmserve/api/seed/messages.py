@@ -329,8 +329,8 @@ class GenerateRequest(BaseModel):
     def _context(cls, value: Any, info: ValidationInfo) -> tuple[Turn, ...]:
         return _context(value, _limits(info))
 
-    def to_speech_request(self) -> SpeechRequest:
-        """What to say. ``speaker_id`` only when the client sent it: a named voice brings its own."""
+    def to_speech_request(self, tenant: str | None = None) -> SpeechRequest:
+        """What to say, for ``tenant``. ``speaker_id`` only when the client sent it: a named voice brings its own."""
         return SpeechRequest(
             text=self.text,
             speaker_id=self.speaker_id if "speaker_id" in self.model_fields_set else None,
@@ -341,6 +341,7 @@ class GenerateRequest(BaseModel):
             seed=self.seed,
             request_id=self.request_id,
             context=tuple(SpeechTurn(t.speaker_id, t.text, t.audio) for t in self.context),
+            tenant=tenant,
         )
 
     def output_sink(self, stats: StreamStats) -> AudioSink:
