@@ -482,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                       "`--max-streams`/`--max-queue` raised to the client count")
             if args.hostile:
                 api_key, hostile_key = HONEST_KEY, HOSTILE_KEY
+                target = (f"its own child process, `csmserve serve --engine {args.engine}` on loopback with two keys, "
+                          "`--max-streams`/`--max-queue` twice the honest client count (each key's default share: half)")
             if args.max_gap_p99_ms is None and args.engine == "fake" and not args.frame_delay_ms:
                 args.max_gap_p99_ms = FAKE_GAP_P99_TARGET_MS
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
