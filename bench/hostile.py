@@ -36,7 +36,11 @@ def tasks(url: str, n: int, key: str | None, text: str, lag_s: float) -> list[as
     per_route = [raw_client(url, route, i, key, text, lag_s) for route in STREAMING_ROUTES for i in range(n)]
     return [
         asyncio.create_task(coro)
-        for coro in [*per_route, *(context_hog(url, key, text) for _ in range(n)), *(cancel_storm(url, key, text) for _ in range(n))]
+        for coro in [
+            *per_route,
+            *(context_hog(url, key, text) for _ in range(n)),
+            *(cancel_storm(url, key, text) for _ in range(n)),
+        ]
     ]
 
 
@@ -51,8 +55,12 @@ async def raw_client(url: str, route, n: int, key: str | None, text: str, lag_s:
     while True:
         stuck = gone = None
         try:
-            stuck = await loop.run_in_executor(None, route.open, port, text * 20, f"hostile-{route.name}-{n}", 4096, key)
-            gone = await loop.run_in_executor(None, route.open, port, text, f"gone-{route.name}-{n}", 1 << 20, key)
+            stuck = await loop.run_in_executor(
+                None, route.open, port, text * 20, f"hostile-{route.name}-{n}", 4096, key
+            )
+            gone = await loop.run_in_executor(
+                None, route.open, port, text, f"gone-{route.name}-{n}", 1 << 20, key
+            )
             await asyncio.sleep(0.2)
             gone.close()
             await asyncio.sleep(2 * lag_s)

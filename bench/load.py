@@ -425,7 +425,9 @@ def side_by_side(alone: dict, beside: dict, args, target: str) -> list[str]:
     ]
 
 
-def write_section(path: Path, lines: list[str], start: str = START, end: str = END, title: str = "Load (`make load`)") -> None:
+def write_section(
+    path: Path, lines: list[str], start: str = START, end: str = END, title: str = "Load (`make load`)"
+) -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     block = "\n".join([start, f"## {title}, {date}", "", *lines, end])
     replace_section(path, start, end, block)
@@ -497,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         lines = side_by_side(stats, beside, args, target)
         print("\n".join(lines))
         if args.write:
-            write_section(args.write, lines, HOSTILE_START, HOSTILE_END, "Load beside hostile clients (`make load`, `--hostile`)")
+            title = "Load beside hostile clients (`make load`, `--hostile`)"
+            write_section(args.write, lines, HOSTILE_START, HOSTILE_END, title)
         honest_ok = all(not st["errors"] and st["ok"] == args.clients * args.requests for st in (stats, beside))
         return 0 if honest_ok else 1
     lines = report(stats, args, target)

@@ -84,7 +84,9 @@ async def test_a_key_streams_at_most_its_quota_and_another_key_still_gets_in(set
         async with websockets.connect(multi_stream_url(server), additional_headers={"xi-api-key": HOG}) as ws:
             for cid in ("a", "b"):
                 await ws.send(json.dumps({"text": SENTENCE, "context_id": cid, "flush": True}))
-                await ws.send(json.dumps({"context_id": cid, "close_context": True}))  # finishing, still speaking
+                await ws.send(
+                    json.dumps({"context_id": cid, "close_context": True})
+                )  # finishing, still speaking
             talking = set()
             while talking != {"a", "b"}:
                 talking.add(json.loads(await asyncio.wait_for(ws.recv(), 10))["contextId"])
@@ -177,9 +179,17 @@ def tenants_server(tiny_model_dir, tmp_path_factory):
     from csmserve.config import Settings
 
     settings = Settings(
-        model=str(tiny_model_dir), device="cpu", dtype="float32", torch_threads=1, max_batch=2, warmup=False,
-        api_keys=f"{HOG},{OTHER}", host="127.0.0.1", port=0,
-        audio_dir=tmp_path_factory.mktemp("audio"), voices_dir=tmp_path_factory.mktemp("voices"),
+        model=str(tiny_model_dir),
+        device="cpu",
+        dtype="float32",
+        torch_threads=1,
+        max_batch=2,
+        warmup=False,
+        api_keys=f"{HOG},{OTHER}",
+        host="127.0.0.1",
+        port=0,
+        audio_dir=tmp_path_factory.mktemp("audio"),
+        voices_dir=tmp_path_factory.mktemp("voices"),
     )
     with running_server(settings, CountedEncodes(settings)) as server:
         server.wait_ready()
@@ -189,13 +199,17 @@ def tenants_server(tiny_model_dir, tmp_path_factory):
 def wav_clip(seconds: float = 1.0, rate: int = 24_000) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
     buffer = io.BytesIO()
-    sf.write(buffer, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    sf.write(
+        buffer, (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), rate, format="WAV", subtype="PCM_16"
+    )
     return buffer.getvalue()
 
 
 async def upload(http: httpx.AsyncClient, key: str, name: str) -> httpx.Response:
     form = {"name": name, "transcript": "This is how I sound.", "speaker_id": "1"}
-    return await http.post("/v1/voices", headers=bearer(key), files={"audio": ("v.wav", wav_clip())}, data=form)
+    return await http.post(
+        "/v1/voices", headers=bearer(key), files={"audio": ("v.wav", wav_clip())}, data=form
+    )
 
 
 def test_tenant_bs_reused_positions_do_not_depend_on_tenant_as_text(tenants_server):
@@ -203,8 +217,11 @@ def test_tenant_bs_reused_positions_do_not_depend_on_tenant_as_text(tenants_serv
     B reuses the voice's positions, the same count whatever A said; B repeating itself reuses its own."""
 
     def reused() -> float:
-        return counter(httpx.get(tenants_server.http + "/metrics", headers=bearer(OTHER)).text,
-                       "csm_prefill_positions_total", kind="reused")
+        return counter(
+            httpx.get(tenants_server.http + "/metrics", headers=bearer(OTHER)).text,
+            "csm_prefill_positions_total",
+            kind="reused",
+        )
 
     def generate(key: str, text: str) -> None:
         body = {"text": text, "voice": "shared", "max_audio_ms": 160, "seed": 1}

@@ -48,7 +48,9 @@ class StreamingRoute:
             return "overloaded" if answer["detail"]["status"] == "too_many_concurrent_requests" else None
         return answer["error"]["code"]
 
-    def open(self, port: int, text: str, request_id: str, rcvbuf: int = 4096, api_key: str | None = None) -> socket.socket:
+    def open(
+        self, port: int, text: str, request_id: str, rcvbuf: int = 4096, api_key: str | None = None
+    ) -> socket.socket:
         """Send one request over a raw socket with a small receive buffer (``api_key``: as a Bearer token),
         and read nothing."""
         auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""

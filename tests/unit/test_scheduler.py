@@ -141,7 +141,8 @@ def test_a_prompt_reuses_only_its_own_tenants_positions_and_the_shared_ones():
     scheduler = Scheduler(max_batch=2, chunk=100)
     voice = [text_key(i) for i in (1, 2, 3)]
     a = Row("a")
-    scheduler.place(a, Piece(length=6, max_frames=2, key=[*voice, *(text_key(i, "A") for i in (4, 5, 6))], owner="A"))
+    a_key = [*voice, *(text_key(i, "A") for i in (4, 5, 6))]
+    scheduler.place(a, Piece(length=6, max_frames=2, key=a_key, owner="A"))
     scheduler.prefilled(a, 0, 6)
     scheduler.decoded(a, [7] * 32)
     assert scheduler.cached[a.slot][-1] == frame_key([7] * 32, "A")

@@ -81,7 +81,9 @@ class PromptBuilder:
                 yield index, "audio", torch.cat([torch.as_tensor(np.asarray(turn.codes), dtype=torch.long), eos_frame])
         yield len(context), "text", self.token_ids(speaker_id, text)
 
-    def key(self, context: Sequence[Turn], speaker_id: int, text: str, owner: Hashable = None, shared: int = 0) -> list:
+    def key(
+        self, context: Sequence[Turn], speaker_id: int, text: str, owner: Hashable = None, shared: int = 0
+    ) -> list:
         """One identity per position of :meth:`embeddings`' prompt, for the frame loop's prefix reuse.
 
         The positions belong to ``owner`` (a tenant: a prompt reuses only its own owner's positions),

@@ -10,9 +10,9 @@ slots and returns a :class:`StepPlan`; the worker executes it on the model and r
 Prompt positions have identities (:func:`text_key`, :func:`frame_key`): a slot remembers the ones its
 cache holds. An identity names its owner (the tenant whose text or audio it is; ``None``: shared, a
 registered voice), so a prompt reuses only its own tenant's positions and the shared ones: how much of
-a prompt is reused never depends on another tenant's text. A new row always takes the lowest free slot, and the longest prefix of its prompt that any
-slot holds (a voice's reference clip, a text stream's previous sentence) is copied there instead of
-computed again. Busy rows stay packed at the bottom: when a leaving row leaves a hole and the step's
+a prompt is reused never depends on another tenant's text. A new row always takes the lowest free slot,
+and the longest prefix of its prompt that any slot holds (a voice's reference clip, a text stream's
+previous sentence) is copied there instead of computed again. Busy rows stay packed at the bottom: when a leaving row leaves a hole and the step's
 batch-size bucket would shrink, the highest row moves down into it (a :class:`SlotCopy` in the plan), so
 the step's size follows the number of busy rows, not the slot number one of them happens to hold; the
 prefix the hole held moves up into the slot the row left (through a spare slot, index ``max_batch``,

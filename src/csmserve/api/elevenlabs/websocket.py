@@ -145,7 +145,7 @@ class ContextRunner:
             if tail:
                 await conn.socket.send_json(audio_message(tail, self.context_id))
         self.count("cancelled" if self.stopped else "ok")
-        conn.session.ended(self.context)  # its audio has ended: it no longer counts toward the socket's contexts
+        conn.session.ended(self.context)  # its audio has ended: it no longer counts toward the socket's limit
         await conn.socket.send_json(final_message(self.context_id))
 
     async def speak(self, sentence: str, audio: SentenceStream, first: bool) -> None:
@@ -162,7 +162,9 @@ class ContextRunner:
         start = audio.stats.samples
         failure: CsmServeError | None = None
         try:
-            request = speech_request(conn.voice, sentence, seed=conn.query.seed, request_id=self.context.id, tenant=tenant)
+            request = speech_request(
+                conn.voice, sentence, seed=conn.query.seed, request_id=self.context.id, tenant=tenant
+            )
             with deadline(conn.settings.request_timeout_s):
                 async with contextlib.aclosing(audio.speak(request)) as chunks:
                     async for chunk in chunks:  # closed on any exit: the engine stops generating
