@@ -249,7 +249,8 @@ def test_tenant_bs_reused_positions_do_not_depend_on_tenant_as_text(tenants_serv
 
 async def test_a_talking_stream_keeps_stepping_while_voice_uploads_encode(tenants_server):
     """Four uploads while a stream talks: each encode needs STEPS engine steps to finish, so all four
-    finishing proves the steps went on; the talking stream received frames in them."""
+    finishing proves the steps went on; the talking stream received frames in them; and the codes
+    encoded beside the steps are those of the same clip encoded with nothing else running."""
     received = 0
 
     async def talk() -> None:
@@ -272,3 +273,9 @@ async def test_a_talking_stream_keeps_stepping_while_voice_uploads_encode(tenant
     talker.cancel()
     assert [a.status_code for a in answers] == [201] * 4
     assert still_talking and during >= 2 * CountedEncodes.STEPS
+    await until(lambda: tenants_server.engine.capacity().active == 0)
+    async with httpx.AsyncClient(base_url=tenants_server.http, timeout=120) as http:
+        alone = (await upload(http, HOG, "upload-alone")).json()["id"]
+    voices = tenants_server.app.state.csm.voices
+    for answer in answers:
+        assert np.array_equal(voices.codes(answer.json()["id"]), voices.codes(alone))
