@@ -40,12 +40,13 @@ class KeyChecker:
         return next((f"key-{n}" for n, matched in enumerate(results, 1) if matched), None)
 
 
-def tenant_of(conn: HTTPConnection, keys: KeyChecker, key: str | None = None) -> str:
-    """Whom ``conn`` acts for: the id of its key (``key``, else the one it presents) when keys are on,
-    else its client's address (``client 203.0.113.7``; behind a proxy, the address uvicorn takes from
-    ``X-Forwarded-For`` when the proxy is in ``--forwarded-allow-ips``)."""
+def tenant_of(conn: HTTPConnection, keys: KeyChecker) -> str:
+    """Whom ``conn`` acts for: the id of the key it presents when keys are on (a WebSocket that sends
+    its key in a message learns its tenant then: ``Socket.accept_key``), else its client's address
+    (``client 203.0.113.7``; behind a proxy, the address uvicorn takes from ``X-Forwarded-For`` when
+    the proxy's address is in ``FORWARDED_ALLOW_IPS``)."""
     if keys.enabled:
-        return keys.key_id(key if key is not None else presented_key(conn)) or "no key"
+        return keys.key_id(presented_key(conn)) or "no key"
     return f"client {conn.client.host}" if conn.client else "client unknown"
 
 
