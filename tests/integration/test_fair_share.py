@@ -22,7 +22,7 @@ from support.routes import counter
 from support.servers import running_server
 
 HOG, OTHER = "hog-key-0123456789", "other-key-0123456789"  # key-1 and key-2, in this order
-#: 61 frames of the fake engine's tone: long enough to hold a row while the test queues others.
+#: 64 frames of the fake engine's tone: long enough to hold a row while the test queues others.
 SENTENCE = "This sentence is long enough to keep a row of the batch busy for a good while now. " * 3
 
 
@@ -64,10 +64,11 @@ async def test_with_one_key_hogging_the_rows_another_keys_requests_are_admitted_
     free row, and its second request the one after the hog's next, not the rows after the hog's queue."""
     engine = FakeEngine(frame_delay_s=0.01, max_batch=2)
     with running_server(settings_factory(engine="fake", api_keys=f"{HOG},{OTHER}"), engine) as server:
-        hog = [asyncio.create_task(speak(server, HOG, f"hog-{i}")) for i in range(6)]
-        await until(lambda: engine.capacity().waiting == 4)
-        other = [asyncio.create_task(speak(server, OTHER, f"other-{i}")) for i in range(2)]
+        hog = [asyncio.create_task(speak(server, HOG, f"hog-{i}", SENTENCE * 2)) for i in range(6)]
+        await until(lambda: (engine.capacity().active, engine.capacity().waiting) == (2, 4))
+        other = [asyncio.create_task(speak(server, OTHER, f"other-{i}", SENTENCE * 2)) for i in range(2)]
         await until(lambda: engine.capacity().waiting == 6)
+        assert len(engine.admitted) == 2  # the hog's first two still hold the rows
         results = await asyncio.gather(*hog, *other)
     assert all("error" not in event for _, event in results)
     assert [tenant for tenant, _ in engine.admitted[:2]] == ["key-1", "key-1"]
@@ -252,25 +253,26 @@ async def test_a_talking_stream_keeps_stepping_while_voice_uploads_encode(tenant
     finishing proves the steps went on; the talking stream received frames in them; and the codes
     encoded beside the steps are those of the same clip encoded with nothing else running."""
     received = 0
+    async with websockets.connect(tenants_server.ws, additional_headers=bearer(OTHER)) as ws:
 
-    async def talk() -> None:
-        nonlocal received
-        async with websockets.connect(tenants_server.ws, additional_headers=bearer(OTHER)) as ws:
+        async def talk() -> dict:
+            nonlocal received
             await ws.send(json.dumps({"text": SENTENCE * 4, "chunk_ms": 80, "max_audio_ms": 90_000}))
             while True:
                 message = await asyncio.wait_for(ws.recv(), 30)
                 if isinstance(message, bytes):
                     received += 1
-                elif json.loads(message).get("done"):
-                    return
+                elif (event := json.loads(message)).get("done"):
+                    return event
 
-    talker = asyncio.create_task(talk())
-    await until(lambda: received > 0)
-    async with httpx.AsyncClient(base_url=tenants_server.http, timeout=120) as http:
-        start = received
-        answers = await asyncio.gather(*(upload(http, HOG, f"upload-{i}") for i in range(4)))
-        during, still_talking = received - start, not talker.done()
-    talker.cancel()
+        talker = asyncio.create_task(talk())
+        await until(lambda: received > 0)
+        async with httpx.AsyncClient(base_url=tenants_server.http, timeout=120) as http:
+            start = received
+            answers = await asyncio.gather(*(upload(http, HOG, f"upload-{i}") for i in range(4)))
+            during, still_talking = received - start, not talker.done()
+        await ws.send(json.dumps({"type": "cancel"}))  # barge-in: the stream ends within a frame
+        assert (await talker).get("cancelled")
     assert [a.status_code for a in answers] == [201] * 4
     assert still_talking and during >= 2 * CountedEncodes.STEPS
     await until(lambda: tenants_server.engine.capacity().active == 0)
