@@ -21,7 +21,15 @@ speed: audio leaves as fast as the server can send it, so the figures measure th
     python bench/load.py                                   # 50 clients x 3 requests, own server
     python bench/load.py --clients 50 --write docs/benchmarks.md
     python bench/load.py --url ws://127.0.0.1:8000/ws/generate --api-key KEY
-    python bench/load.py --hostile 2                       # plus non-reading and abandoning clients on every route
+    python bench/load.py --hostile 2                       # honest clients alone, then beside hostile ones
+
+``--hostile N`` measures the honest clients twice against the same server: alone, then beside N hostile
+clients of each kind (``bench/hostile.py``: on every streaming route a non-reader and a goer; ElevenLabs
+context hogs that open, flush and close contexts in a loop; cancel storms that send a request and
+disconnect), and reports both side by side. The hostile clients use a key of their own (our own server
+gets two keys, and room for each key's share: ``--max-streams`` twice the honest slots, each key half).
+``--frame-delay-ms`` and ``--max-batch`` make our own fake engine pace its steps and hold fewer rows,
+so that streams occupy rows long enough to compete for them.
 
 Loopback only, bounded: at most 1000 clients x 100 requests, and ``--timeout`` seconds in all.
 Exit status 1 when any request failed, or when the p99 inter-chunk gap exceeds ``--max-gap-p99-ms``
@@ -38,6 +46,7 @@ import ipaddress
 import json
 import os
 import platform
+import secrets
 import socket
 import subprocess
 import sys
@@ -52,10 +61,9 @@ from urllib.parse import urlsplit
 import websockets
 from websockets.asyncio.client import connect
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.routes import STREAMING_ROUTES  # noqa: E402 - the routes every hostile-client case covers
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.routes, for bench/hostile.py
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hostile  # noqa: E402
 from sections import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +75,9 @@ DEFAULT_TEXT = (
     "how well it keeps up."
 )
 START, END = "<!-- load:start -->", "<!-- load:end -->"
+HOSTILE_START, HOSTILE_END = "<!-- load-hostile:start -->", "<!-- load-hostile:end -->"
+#: The keys of our own server with --hostile: the measured clients', the hostile clients'.
+HONEST_KEY, HOSTILE_KEY = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
 #: The target for the server alone (own server, fake engine): no error and a p99 gap under this.
 FAKE_GAP_P99_TARGET_MS = 50.0
 
@@ -175,20 +186,23 @@ async def client(number: int, url: str, headers: dict, barrier: Barrier, args, r
             previous = stream
 
 
-async def drive(url: str, headers: dict, args) -> Run:
-    """All clients connect, start together, and run to the end or ``--timeout``."""
+async def drive(url: str, headers: dict, args, hostile_key: str | None = None, hostile_clients: int = 0) -> Run:
+    """All clients connect, start together, and run to the end or ``--timeout``; with ``hostile_clients``,
+    the hostile ones (with ``hostile_key``) start ``--hostile-head-start-s`` before them and run beside."""
     run = Run()
     barrier = Barrier(args.clients)
+    harm = hostile.tasks(url, hostile_clients, hostile_key, args.text, args.hostile_lag_s) if hostile_clients else []
+    if harm:
+        await asyncio.sleep(args.hostile_head_start_s)
     tasks = [asyncio.create_task(client(i, url, headers, barrier, args, run)) for i in range(args.clients)]
-    hostile = [asyncio.create_task(hostile_client(url, route, n, args)) for route in STREAMING_ROUTES for n in range(args.hostile)]
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(barrier.all_in.wait(), 60)
     run.started = time.perf_counter()
     barrier.go.set()
     done, pending = await asyncio.wait(tasks, timeout=args.timeout)
-    for task in [*pending, *hostile]:
+    for task in [*pending, *harm]:
         task.cancel()
-    await asyncio.gather(*hostile, return_exceptions=True)
+    await asyncio.gather(*harm, return_exceptions=True)
     await asyncio.gather(*pending, return_exceptions=True)
     run.ended = time.perf_counter()
     for stream in run.streams:
@@ -198,24 +212,6 @@ async def drive(url: str, headers: dict, args) -> Run:
         if task.exception() is not None:
             run.connect_errors.append(repr(task.exception()))
     return run
-
-
-async def hostile_client(url: str, route, n: int, args) -> None:
-    """Alongside the measured clients (``--hostile``): on ``route``, a client that sends a long request
-    and never reads (the server must cut it), then one that goes away mid-stream (the server must
-    cancel it). Every route in ``STREAMING_ROUTES`` gets them; the measured clients must not notice."""
-    port = urlsplit(url).port
-    loop = asyncio.get_running_loop()
-    while True:
-        stuck = await loop.run_in_executor(None, route.open, port, args.text * 20, f"hostile-{route.name}-{n}")
-        gone = await loop.run_in_executor(None, route.open, port, args.text, f"gone-{route.name}-{n}", 1 << 20)
-        try:
-            await asyncio.sleep(0.2)
-            gone.close()
-            await asyncio.sleep(2 * args.hostile_lag_s)
-        finally:
-            stuck.close()
-            gone.close()
 
 
 # -- our own server -------------------------------------------------------------------------------
@@ -231,16 +227,22 @@ def free_port() -> int:
 def own_server(args):
     """``csmserve serve --engine fake`` in a child process on a free loopback port, healthy, then stopped."""
     port = free_port()
-    slots = args.clients + 2 * args.hostile * len(STREAMING_ROUTES)  # the hostile clients get theirs too
+    slots = max(16, args.clients)
     with tempfile.TemporaryDirectory(prefix="csm-load-") as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CSM_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+        if args.hostile:  # two keys, and room for each key's share (half of max_streams): the honest clients'
+            env["CSM_API_KEYS"] = f"{HONEST_KEY},{HOSTILE_KEY}"
+            slots *= 2
         command = [
             sys.executable, "-m", "csmserve", "serve", "--engine", args.engine, "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "warning", "--audio-dir", f"{tmp}/audio", "--voices-dir", f"{tmp}/voices",
-            # Admission sized for the load: every client streams at once, none is refused.
-            "--max-streams", str(max(16, slots)), "--max-queue", str(max(32, slots)),
+            # Admission sized for the load: every honest client streams at once, none is refused.
+            "--max-streams", str(slots), "--max-queue", str(max(32, slots)),
+            "--fake-frame-delay-ms", str(args.frame_delay_ms),
         ]
+        if args.max_batch:
+            command += ["--max-batch", str(args.max_batch)]
         if args.hostile:  # a short lag before the non-readers are cut
             command += ["--max-lag-s", str(args.hostile_lag_s)]
         log_path = Path(tmp) / "server.log"
@@ -391,10 +393,44 @@ def report(stats: dict, args, target: str) -> list[str]:
     return lines
 
 
-def write_section(path: Path, lines: list[str]) -> None:
+def side_by_side(alone: dict, beside: dict, args, target: str) -> list[str]:
+    """The honest clients' figures alone and beside the hostile ones, one column each."""
+
+    def errors(stats: dict) -> str:
+        return ", ".join(f"{n} {kind}" for kind, n in sorted(stats["errors"].items())) or "none"
+
+    rows = [
+        ("time to first audio p50 (ms)", lambda st: fmt(percentile(st["ttfa_ms"], 50))),
+        ("time to first audio p99 (ms)", lambda st: fmt(percentile(st["ttfa_ms"], 99))),
+        ("inter-chunk gap p99 (ms)", lambda st: fmt(percentile(st["gaps_ms"], 99))),
+        ("requests complete", lambda st: f"{st['ok']} of {args.clients * args.requests}"),
+        ("errors", errors),
+    ]
+    delay = f", steps paced at {args.frame_delay_ms:g} ms" if args.frame_delay_ms else ""
+    rows_note = f", {args.max_batch} rows" if args.max_batch else ""
+    return [
+        f"Machine: {machine()}; clients and server share it.",
+        (
+            f"Server{commit()}: {target}{delay}{rows_note}. Honest clients: {args.clients} concurrent WebSockets on "
+            f"`/ws/generate` with one key, {args.requests} requests each ({len(args.text)}-character text, `chunk_ms` "
+            f"{args.chunk_ms}, `max_audio_ms` {args.max_audio_ms}). Hostile clients, with another key, started "
+            f"{args.hostile_head_start_s:g} s earlier: {args.hostile} of each kind (`bench/hostile.py`): a non-reader "
+            f"and a goer on each of the {len(hostile.STREAMING_ROUTES)} streaming routes, an ElevenLabs context hog "
+            "(open, flush, close in a loop), a cancel storm (request, then disconnect)."
+        ),
+        "",
+        "| honest clients | alone | beside the hostile clients |",
+        "|---|---|---|",
+        *(f"| {name} | {cell(alone)} | {cell(beside)} |" for name, cell in rows),
+    ]
+
+
+def write_section(
+    path: Path, lines: list[str], start: str = START, end: str = END, title: str = "Load (`make load`)"
+) -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    block = "\n".join([START, f"## Load (`make load`), {date}", "", *lines, END])
-    replace_section(path, START, END, block)
+    block = "\n".join([start, f"## {title}, {date}", "", *lines, end])
+    replace_section(path, start, end, block)
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -426,13 +462,18 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"exit 1 when the p99 inter-chunk gap exceeds this (default with our own fake-engine "
                              f"server: {FAKE_GAP_P99_TARGET_MS:g}; with --url: no limit)")
     parser.add_argument("--hostile", type=bounded(0, 20), default=0,
-                        help="per streaming route, this many non-reading and abandoning clients alongside")
+                        help="measure alone, then beside this many hostile clients of each kind (bench/hostile.py)")
+    parser.add_argument("--hostile-api-key", help="with --url: the hostile clients' key (another than --api-key)")
     parser.add_argument("--hostile-lag-s", type=float, default=1.0, help="our own server's --max-lag-s with --hostile")
+    parser.add_argument("--hostile-head-start-s", type=float, default=1.0,
+                        help="how long the hostile clients run before the measured ones start")
+    parser.add_argument("--frame-delay-ms", type=float, default=0.0, help="our own fake engine's time per step")
+    parser.add_argument("--max-batch", type=bounded(1, 256), help="our own engine's rows (default: its own)")
     parser.add_argument("--write", type=Path, help="replace the load section of this markdown file")
     parser.add_argument("--server-log", action="store_true", help="print our own server's log at the end")
     args = parser.parse_args(argv)
 
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    api_key, hostile_key = args.api_key, args.hostile_api_key
     with contextlib.ExitStack() as stack:
         if args.url:
             check_loopback(args.url)
@@ -441,11 +482,27 @@ def main(argv: list[str] | None = None) -> int:
             url, _process = stack.enter_context(own_server(args))
             target = (f"its own child process, `csmserve serve --engine {args.engine}` on loopback, with "
                       "`--max-streams`/`--max-queue` raised to the client count")
-            if args.max_gap_p99_ms is None and args.engine == "fake":
+            if args.hostile:
+                api_key, hostile_key = HONEST_KEY, HOSTILE_KEY
+                target = (f"its own child process, `csmserve serve --engine {args.engine}` on loopback with two keys, "
+                          "`--max-streams`/`--max-queue` twice the honest client count (each key's default share: half)")
+            if args.max_gap_p99_ms is None and args.engine == "fake" and not args.frame_delay_ms:
                 args.max_gap_p99_ms = FAKE_GAP_P99_TARGET_MS
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         print(f"{args.clients} clients x {args.requests} requests against {url} ...", flush=True)
         run = asyncio.run(drive(url, headers, args))
+        if args.hostile:
+            print(f"... again, beside {args.hostile} hostile clients of each kind ...", flush=True)
+            beside = summary(asyncio.run(drive(url, headers, args, hostile_key, args.hostile)))
     stats = summary(run)
+    if args.hostile:
+        lines = side_by_side(stats, beside, args, target)
+        print("\n".join(lines))
+        if args.write:
+            title = "Load beside hostile clients (`make load`, `--hostile`)"
+            write_section(args.write, lines, HOSTILE_START, HOSTILE_END, title)
+        honest_ok = all(not st["errors"] and st["ok"] == args.clients * args.requests for st in (stats, beside))
+        return 0 if honest_ok else 1
     lines = report(stats, args, target)
     print("\n".join(lines))
     if args.write:

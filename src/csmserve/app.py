@@ -66,7 +66,8 @@ def build_state(settings: Settings, engine: Engine) -> ServerState:
         metrics=metrics,
         keys=KeyChecker(settings.api_keys),
         admission=Admission(
-            metrics, lambda: settings.resolved_max_streams(engine.capacity().max_batch), settings.max_unauthenticated
+            metrics, lambda: settings.resolved_max_streams(engine.capacity().max_batch), settings.max_unauthenticated,
+            settings.resolved_max_streams_per_key,
         ),
         watchdog=Watchdog(engine.capacity, settings.stall_timeout_s, armed=lambda: engine.info.ready),
     )

@@ -186,6 +186,13 @@ class Settings(BaseSettings):
         description="Requests streaming at once (all connections); more get 1013/429. Unset: the engine's batch "
         "(max_batch), at least 16.",
     )
+    max_streams_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="Requests one API key (without keys: one client address) may stream at once, on every route "
+        "together (an ElevenLabs context counts while it speaks); more get 1013/429. Unset: half of max_streams "
+        "(at least 1), or all of it when exactly one key is configured.",
+    )
     max_queue: int | None = Field(
         None,
         ge=1,
@@ -337,6 +344,12 @@ class Settings(BaseSettings):
     def resolved_max_streams(self, max_batch: int) -> int:
         """``max_streams``, or its default for an engine of ``max_batch`` rows."""
         return self.max_streams if self.max_streams is not None else max(16, max_batch)
+
+    def resolved_max_streams_per_key(self, max_streams: int) -> int:
+        """``max_streams_per_key``, or its default for a server streaming ``max_streams`` at once."""
+        if self.max_streams_per_key is not None:
+            return self.max_streams_per_key
+        return max_streams if len(self.api_keys) == 1 else max(1, max_streams // 2)
 
     def resolved_max_queue(self, max_batch: int) -> int:
         """``max_queue``, or its default for an engine of ``max_batch`` rows."""

@@ -15,6 +15,7 @@ import signal
 import time
 
 import httpx
+import numpy as np
 import pytest
 import websockets
 
@@ -262,3 +263,33 @@ def test_sigterm_lets_in_flight_streams_finish_then_stops_the_engine(process_ser
         assert "error" not in done and audio == 2 * done["samples"]
         assert server.process.wait(30) == 0
     assert not alive(engine_pid)
+
+
+def test_the_csm_engine_in_its_own_process_speaks_the_same_audio_as_beside_the_api(settings_factory, tiny_model_dir):
+    """The offline CSM model, float32: a seeded request with a client's turn given as audio (encoded by the
+    engine before it queues the request) gives the same samples through the engine process as in one."""
+    pcm = (np.sin(np.arange(24_000) / 9) * 8000).astype("<i2").tobytes()
+    request = {
+        "text": "The model itself, in a process of its own.", "seed": 5, "max_audio_ms": 800,
+        "context": [{"speaker_id": 1, "text": "Earlier, someone said this.", "audio": base64.b64encode(pcm).decode()}],
+    }
+
+    async def speak(server) -> bytes:
+        audio = b""
+        async with websockets.connect(server.ws) as ws:
+            await ws.send(json.dumps(request))
+            while isinstance(frame := await asyncio.wait_for(ws.recv(), 120), bytes):
+                audio += frame
+        assert "error" not in json.loads(frame), frame
+        return audio
+
+    results = []
+    for mode in ("off", "on"):
+        settings = settings_factory(model=str(tiny_model_dir), device="cpu", dtype="float32", engine_process=mode,
+                                    max_batch=2, warmup=False, torch_threads=1)  # same kernels in both
+        with running_server(settings) as server:
+            server.wait_ready(timeout=180)
+            results.append(asyncio.run(speak(server)))
+    assert len(results[0]) > 0
+    samples = [np.frombuffer(r, dtype="<i2").astype(np.int32) for r in results]
+    assert samples[0].shape == samples[1].shape and np.abs(samples[0] - samples[1]).max() <= 1

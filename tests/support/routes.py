@@ -62,8 +62,12 @@ class StreamingRoute:
             return "overloaded" if answer["detail"]["status"] == "too_many_concurrent_requests" else None
         return answer["error"]["code"]
 
-    def open(self, port: int, text: str, request_id: str, rcvbuf: int = 4096) -> socket.socket:
-        """Send one request over a raw socket with a small receive buffer, and read nothing."""
+    def open(
+        self, port: int, text: str, request_id: str, rcvbuf: int = 4096, api_key: str | None = None
+    ) -> socket.socket:
+        """Send one request over a raw socket with a small receive buffer (``api_key``: as a Bearer token),
+        and read nothing."""
+        auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.settimeout(10)  # a test fails, never hangs, on a server that does not answer
@@ -71,7 +75,7 @@ class StreamingRoute:
         if self.websocket:
             key = base64.b64encode(os.urandom(16)).decode()
             sock.sendall(
-                f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Upgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
             )
             answer = b""
@@ -85,7 +89,7 @@ class StreamingRoute:
         else:
             payload = json.dumps(self.body(text, request_id)).encode()
             sock.sendall(
-                f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}Content-Type: application/json\r\n"
                 f"X-Request-Id: {request_id}\r\n"
                 f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
             )

@@ -193,13 +193,43 @@ def test_contexts_per_connection_are_bounded():
 
 
 def test_the_server_limit_on_contexts_applies_when_smaller_than_five():
-    """max_contexts 2: a third open context is refused; closing one makes room again."""
+    """max_contexts 2: a third open context is refused; a closed one makes room once it has ended."""
     session = ContextSession(multi=True, auto_mode=False, max_text_chars=100, max_contexts=2)
-    for cid in ("a", "b"):
-        assert session.handle(f'{{"text": " ", "context_id": "{cid}"}}').opened
+    opened = [session.handle(f'{{"text": " ", "context_id": "{cid}"}}').opened for cid in ("a", "b")]
+    assert all(opened)
     assert session.handle('{"text": " ", "context_id": "c"}').opened == []
-    session.handle('{"context_id": "a", "close_context": true}')
+    (stopped,) = session.handle('{"context_id": "a", "close_context": true}').cancel
+    assert session.handle('{"text": " ", "context_id": "c"}').opened == []  # still stopping
+    session.ended(stopped)
     assert session.handle('{"text": " ", "context_id": "c"}').opened
+
+
+def test_finishing_contexts_count_until_they_have_ended():
+    """Open, flush, close in a loop: the finishing contexts still count, so a sixth is refused until
+    one of them has sent its isFinal (they cannot all speak at once)."""
+    session = ContextSession(multi=True, auto_mode=False, max_text_chars=100)
+    finishing = []
+    for i in range(5):
+        (context,) = session.handle(f'{{"text": "Say {i}.", "context_id": "c{i}", "flush": true}}').opened
+        assert session.handle(f'{{"context_id": "c{i}", "close_context": true}}').finish == [context]
+        finishing.append(context)
+    refused = session.handle('{"text": "One more.", "context_id": "c5", "flush": true}')
+    assert refused.opened == [] and refused.speak == [] and "still speaking" in refused.events[0]["message"]
+    session.ended(finishing[0])
+    assert session.handle('{"text": "One more.", "context_id": "c5", "flush": true}').opened
+
+
+def test_a_context_id_reused_while_its_namesake_finishes_counts_twice():
+    """Closing a context and opening one with the same id: both count while the first finishes, and a
+    barge-in on that id stops the open one first, then the finishing one."""
+    session = ContextSession(multi=True, auto_mode=False, max_text_chars=100, max_contexts=2)
+    (first,) = session.handle('{"text": "Hi.", "context_id": "c", "flush": true}').opened
+    session.handle('{"context_id": "c", "close_context": true}')
+    (second,) = session.handle('{"text": "Again.", "context_id": "c", "flush": true}').opened
+    assert session.handle('{"text": " ", "context_id": "d"}').opened == []
+    assert session.handle('{"context_id": "c", "close_context": true}').finish == [second]
+    assert session.handle('{"context_id": "c", "close_context": true}').cancel == [first, second]
+    assert session.handle('{"context_id": "c", "close_context": true}').cancel == []
 
 
 def test_a_context_carries_at_most_max_stream_chars():

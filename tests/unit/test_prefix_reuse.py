@@ -57,6 +57,22 @@ def test_key_has_one_identity_per_prompt_position(tiny):
     assert audio == [*(frame_key(row) for row in codes), frame_key([model.config.codebook_eos_token_id] * 32)]
 
 
+def test_key_names_the_tenant_except_for_the_shared_voice_turns(tiny):
+    """With ``owner`` and ``shared``: the first ``shared`` turns (a registered voice) belong to nobody,
+    every later position (context, the target text) to the owner; the same prompt for another owner
+    shares exactly the voice's positions."""
+    processor, model = tiny
+    builder = PromptBuilder(processor.tokenizer, FrameGenerator(model))
+    codes = voice_codes()
+    context = [Turn(1, "A voice to copy.", codes), Turn(0, "What they said before.", codes[:3])]
+    mine = builder.key(context, 0, "My secret.", owner="key-1", shared=1)
+    theirs = builder.key(context, 0, "My secret.", owner="key-2", shared=1)
+    voice_positions = builder.positions(context[0])
+    assert mine[:voice_positions] == theirs[:voice_positions] == builder.key(context[:1], 0, "")[:voice_positions]
+    assert all(a != b for a, b in zip(mine[voice_positions:], theirs[voice_positions:]))
+    assert len(mine) == builder.embeddings(context, 0, "My secret.").shape[1]
+
+
 def test_same_voice_new_text_reuses_the_voice_and_generates_the_cold_frames(tiny, loop):
     """Two requests with one voice context: the second prefills only its own text, same frames as cold."""
     processor, model = tiny

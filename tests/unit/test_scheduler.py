@@ -133,3 +133,24 @@ def test_a_row_whose_prompt_completes_in_the_step_decodes_in_that_step():
     row = Row("no room")
     waiting.place(row, Piece(length=4, max_frames=5))
     assert waiting.plan(lambda row: False).decode == []
+
+
+def test_a_prompt_reuses_only_its_own_tenants_positions_and_the_shared_ones():
+    """The same tokens of another tenant are not a prefix to reuse; shared positions (a registered
+    voice's, owner None) are, whoever cached them; a tenant's own generated frames are its own."""
+    scheduler = Scheduler(max_batch=2, chunk=100)
+    voice = [text_key(i) for i in (1, 2, 3)]
+    a = Row("a")
+    a_key = [*voice, *(text_key(i, "A") for i in (4, 5, 6))]
+    scheduler.place(a, Piece(length=6, max_frames=2, key=a_key, owner="A"))
+    scheduler.prefilled(a, 0, 6)
+    scheduler.decoded(a, [7] * 32)
+    assert scheduler.cached[a.slot][-1] == frame_key([7] * 32, "A")
+    b = Row("b")
+    b_key = [*voice, *(text_key(i, "B") for i in (4, 5, 6, 8))]
+    assert scheduler.place(b, Piece(length=7, max_frames=2, key=b_key, owner="B")) == 3  # the voice only
+    assert scheduler.plan(lambda row: True).copies[0].positions == 3
+    scheduler.release(a)
+    scheduler.release(b)
+    a_again = [*voice, *(text_key(i, "A") for i in (4, 5, 6)), frame_key([7] * 32, "A"), text_key(9, "A")]
+    assert scheduler.place(Row("a2"), Piece(length=8, max_frames=2, key=a_again, owner="A")) == 7

@@ -57,6 +57,11 @@ class SynthesisRequest:
     ``voice`` turns come first and are kept; ``context`` turns follow and are trimmed oldest-first
     when the model's window is short. Long ``text`` is generated sentence group by sentence group,
     each with the previous one as context, as one continuous stream.
+
+    ``tenant`` names whoever the request acts for (an API key's id, or a client address when keys are
+    off; ``None``: the server itself, e.g. its warm-up). The engine gives waiting tenants free rows in
+    turn, and never lets one tenant's prompt reuse another's cached positions (its text and context;
+    a registered voice's positions are shared by every tenant that uses the voice).
     """
 
     text: str
@@ -69,6 +74,7 @@ class SynthesisRequest:
     voice: tuple[ContextTurn, ...] = ()
     context: tuple[ContextTurn, ...] = ()
     continuation: Continuation | None = None
+    tenant: str | None = None
 
 
 @dataclass

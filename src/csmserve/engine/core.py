@@ -251,12 +251,34 @@ class EngineCore:
                 raise Overloaded(f"{limit} requests are streaming already; retry shortly")
             self.streams[key] = stream
             self.ids[id(stream)] = key
-            self.worker.submit(stream)
+            request = message.request
+            if any(t.codes is None and t.audio is not None for t in (*request.voice, *request.context)):
+                self._prepare_then_submit(identity, stream)  # a client's turn given as audio: encode it first
+            else:
+                self.worker.submit(stream)
         except CsmServeError as exc:
             self.streams.pop(key, None)
             self.ids.pop(id(stream), None)
             self._queue.put(("items", identity, [(stream, Failure(exc))]))
             self.ids[id(stream)] = key
+
+    def _prepare_then_submit(self, identity: bytes, stream: Stream) -> None:
+        """Encode the audio of ``stream``'s turns on the engine's encoder (never between steps), then queue it."""
+        prepared = getattr(self.engine, "prepared", None)
+        if prepared is None:
+            self.worker.submit(stream)
+            return
+        future = asyncio.run_coroutine_threadsafe(prepared(stream.request), self.bridge)
+
+        def done(result) -> None:
+            try:
+                stream.request = result.result()
+                self.worker.submit(stream)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the engine goes on
+                self._queue.put(("items", identity, [(stream, Failure(exc))]))
+                self._wake()
+
+        future.add_done_callback(done)
 
     def _encode(self, identity: bytes, message: wire.Encode) -> None:
         future = asyncio.run_coroutine_threadsafe(self.engine.encode(message.audio), self.bridge)

@@ -15,20 +15,23 @@ streams the device holds in real time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from csmserve.config import DEFAULT_MODEL, OFFLINE_MODEL, Settings
-from csmserve.engine import FRAME_MS, Capacity, Continuation, EngineInfo, SynthesisRequest
+from csmserve.engine import FRAME_MS, Capacity, ContextTurn, Continuation, EngineInfo, SynthesisRequest
+from csmserve.engine.encoder import Encoder
 from csmserve.engine.scheduler import Piece, Row, SlotCopy
 from csmserve.engine.worker import Frame, ModelWorker, Stream, synthesize_on
+from csmserve.errors import NotReady
 
 log = logging.getLogger(__name__)
 
@@ -132,27 +135,32 @@ class CsmSteps:
         self.frame_size = self.runner.frame_size
         #: The last decode step's device time (a GPU's), for the worker's timings.
         self.last_device_ms: float | None = None
+        #: On a GPU, the CUDA stream the encoder thread queues its work on (made on first use).
+        self._encode_stream = None
 
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
-        """Mimi codes ``(frames, 32)`` int16 for mono float32 audio at 24 kHz."""
+        """Mimi codes ``(frames, 32)`` int16 for mono float32 audio at 24 kHz. Runs on the encoder thread
+        (:mod:`csmserve.engine.encoder`), beside the steps: it only reads the codec's weights, and on a
+        GPU it queues its kernels on a CUDA stream of its own, so the steps never wait behind them."""
         import torch
 
         codec = self.loaded.model.codec_model
-        with torch.inference_mode():
+        side = contextlib.nullcontext()
+        if self.runner.device.type == "cuda":
+            if self._encode_stream is None:
+                self._encode_stream = torch.cuda.Stream(self.runner.device)
+            side = torch.cuda.stream(self._encode_stream)
+        with torch.inference_mode(), side:
             values = torch.as_tensor(np.asarray(audio, dtype=np.float32), device=self.runner.device)[None, None]
             codes = codec.encode(values.to(codec.dtype)).audio_codes[0]  # (32, frames)
-        return codes.T.cpu().numpy().astype(np.int16)
+            return codes.T.cpu().numpy().astype(np.int16)  # waits for the side stream's work
 
-    def _turns(self, turns) -> list:
+    @staticmethod
+    def _turns(turns) -> list:
+        """The engine's turns for a request's (their audio already encoded: :meth:`CsmEngine.synthesize`)."""
         from csmserve.engine.prompt import Turn
 
-        out = []
-        for turn in turns:
-            codes = turn.codes
-            if codes is None and turn.audio is not None and len(turn.audio):
-                codes = self.encode_audio(turn.audio)
-            out.append(Turn(turn.speaker_id, turn.text, codes))
-        return out
+        return [Turn(turn.speaker_id, turn.text, turn.codes) for turn in turns]
 
     def _start(self, request: SynthesisRequest, carry: dict) -> _Utterance:
         from csmserve.engine.prompt import PromptBuilder
@@ -205,8 +213,10 @@ class CsmSteps:
             raise InvalidRequest(f"the prompt takes {length} positions and leaves no room in the model's {window}")
         seed = None if request.seed is None else request.seed + u.index
         u.sampling = RowSampling.create(self.runner.defaults, temperature=request.temperature, top_k=request.top_k, seed=seed)
-        key = builder.key(kept, request.speaker_id, piece) if self.settings.prefix_cache else None
-        return Piece(length=length, max_frames=min(budget, window - length), key=key)
+        key = None
+        if self.settings.prefix_cache:  # the voice's positions are everyone's; the rest the tenant's own
+            key = builder.key(kept, request.speaker_id, piece, owner=request.tenant, shared=len(kept_voice))
+        return Piece(length=length, max_frames=min(budget, window - length), key=key, owner=request.tenant)
 
     def enter(self, stream: Stream, slot: int) -> None:
         codec = stream.carry.get("codec")
@@ -266,6 +276,8 @@ class CsmEngine:
             prefix_reuse=settings.prefix_cache,
             max_lag_s=settings.max_lag_s,
         )
+        #: Voice clips and context turns are encoded here, beside the model thread (never between its steps).
+        self._encoder = Encoder(name="csm-encoder")
         self._loaded = None
         self._steps: CsmSteps | None = None
         self.frame_size = 1920
@@ -291,6 +303,7 @@ class CsmEngine:
 
     async def close(self) -> None:
         self._worker.stop()
+        self._encoder.stop()
 
     def capacity(self) -> Capacity:
         return self._worker.capacity()
@@ -394,15 +407,38 @@ class CsmEngine:
         return dict(self._worker.scheduler.prefill_positions)
 
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
-        """Mimi codes ``(frames, 32)`` int16 for mono float32 audio at 24 kHz. Worker thread only."""
+        """Mimi codes ``(frames, 32)`` int16 for mono float32 audio at 24 kHz (on the calling thread)."""
         return self._steps.encode_audio(audio)
 
     async def encode(self, audio: np.ndarray) -> np.ndarray:
-        """:meth:`encode_audio` on the worker thread (between two steps)."""
-        return await self._worker.call(lambda: self.encode_audio(audio))
+        """:meth:`encode_audio` on the encoder thread: the talking streams go on stepping meanwhile."""
+        if self._steps is None:
+            raise NotReady()
+        return await self._encoder.run(lambda: self.encode_audio(audio))
 
-    def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
-        return synthesize_on(self._worker, self.info, request)
+    async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
+        """See :class:`csmserve.engine.Engine`; context turns given as audio are encoded first, on the
+        encoder thread (never between the model's steps)."""
+        if not self.info.ready:
+            raise NotReady()
+        request = await self.prepared(request)
+        async with contextlib.aclosing(synthesize_on(self._worker, self.info, request)) as audio:
+            async for piece in audio:
+                yield piece
+
+    async def prepared(self, request: SynthesisRequest) -> SynthesisRequest:
+        """``request`` with the audio of its turns replaced by their codes (encoded on the encoder thread,
+        never between the model's steps; an engine process does this before it queues a request)."""
+
+        async def encoded(turns: tuple[ContextTurn, ...]) -> tuple[ContextTurn, ...]:
+            out = []
+            for turn in turns:
+                if turn.codes is None and turn.audio is not None and len(turn.audio):
+                    turn = replace(turn, codes=await self.encode(turn.audio), audio=None)
+                out.append(turn)
+            return tuple(out)
+
+        return replace(request, voice=await encoded(request.voice), context=await encoded(request.context))
 
     def release(self, continuation: Continuation) -> None:
         self._worker.release(continuation.id)

@@ -49,6 +49,8 @@ class FakeEngine:
         self.frames_made: dict[str | None, int] = {}
         #: Rows in each decode step so far (tests check that streams were stepped together).
         self.batch_sizes: list[int] = []
+        #: ``(tenant, request_id)`` of each request given a row, in order (tests check the turns).
+        self.admitted: list[tuple[str | None, str | None]] = []
 
     async def start(self) -> None:
         self._worker.start()
@@ -93,7 +95,7 @@ class FakeEngine:
         return Piece(length=0, max_frames=self.num_frames(stream.request))
 
     def enter(self, stream: Stream, slot: int) -> None:
-        pass
+        self.admitted.append((stream.request.tenant, stream.request.request_id))
 
     def start_piece(self, row: Row) -> None:
         pass

@@ -12,7 +12,7 @@ still to generate fit the model's position window.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,31 +70,39 @@ class PromptBuilder:
             budget -= need
         return kept[::-1]
 
-    def _parts(self, context: Sequence[Turn], speaker_id: int, text: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """The prompt in order: ``("text", ids (1, T))`` and ``("audio", codes (F, N))``, a turn's audio
-        ending with its ``<audio_eos>`` frame. :meth:`embeddings` and :meth:`key` both read this."""
+    def _parts(self, context: Sequence[Turn], speaker_id: int, text: str) -> Iterator[tuple[int, str, torch.Tensor]]:
+        """The prompt in order: ``(turn, "text", ids (1, T))`` and ``(turn, "audio", codes (F, N))``, a
+        turn's audio ending with its ``<audio_eos>`` frame; ``turn`` indexes ``context`` (the target
+        turn: ``len(context)``). :meth:`embeddings` and :meth:`key` both read this."""
         eos_frame = torch.full((1, self.frames.num_codebooks), self.frames.eos_id, dtype=torch.long)
-        for turn in context:
-            yield "text", self.token_ids(turn.speaker_id, turn.text)
+        for index, turn in enumerate(context):
+            yield index, "text", self.token_ids(turn.speaker_id, turn.text)
             if turn.has_audio:
-                yield "audio", torch.cat([torch.as_tensor(np.asarray(turn.codes), dtype=torch.long), eos_frame])
-        yield "text", self.token_ids(speaker_id, text)
+                yield index, "audio", torch.cat([torch.as_tensor(np.asarray(turn.codes), dtype=torch.long), eos_frame])
+        yield len(context), "text", self.token_ids(speaker_id, text)
 
-    def key(self, context: Sequence[Turn], speaker_id: int, text: str) -> list:
-        """One identity per position of :meth:`embeddings`' prompt, for the frame loop's prefix reuse."""
+    def key(
+        self, context: Sequence[Turn], speaker_id: int, text: str, owner: Hashable = None, shared: int = 0
+    ) -> list:
+        """One identity per position of :meth:`embeddings`' prompt, for the frame loop's prefix reuse.
+
+        The positions belong to ``owner`` (a tenant: a prompt reuses only its own owner's positions),
+        except those of the first ``shared`` turns of ``context`` (a registered voice: the same for
+        every tenant), which belong to nobody and may be reused by anyone."""
         from csmserve.engine.frames import frame_key, text_key
 
         key = []
-        for kind, values in self._parts(context, speaker_id, text):
+        for turn, kind, values in self._parts(context, speaker_id, text):
+            whose = None if turn < shared else owner
             if kind == "text":
-                key.extend(text_key(i) for i in values[0].tolist())
+                key.extend(text_key(i, whose) for i in values[0].tolist())
             else:
-                key.extend(frame_key(row) for row in values.tolist())
+                key.extend(frame_key(row, whose) for row in values.tolist())
         return key
 
     def embeddings(self, context: Sequence[Turn], speaker_id: int, text: str) -> torch.Tensor:
         parts = [
             self.frames.embed_text(values) if kind == "text" else self.frames.embed_frames(values)
-            for kind, values in self._parts(context, speaker_id, text)
+            for _, kind, values in self._parts(context, speaker_id, text)
         ]
         return torch.cat(parts, dim=1)

@@ -8,9 +8,11 @@ its audio) the slot's cache already holds. The :class:`Scheduler` admits waiting
 slots and returns a :class:`StepPlan`; the worker executes it on the model and reports back.
 
 Prompt positions have identities (:func:`text_key`, :func:`frame_key`): a slot remembers the ones its
-cache holds. A new row always takes the lowest free slot, and the longest prefix of its prompt that any
-slot holds (a voice's reference clip, a text stream's previous sentence) is copied there instead of
-computed again. Busy rows stay packed at the bottom: when a leaving row leaves a hole and the step's
+cache holds. An identity names its owner (the tenant whose text or audio it is; ``None``: shared, a
+registered voice), so a prompt reuses only its own tenant's positions and the shared ones: how much of
+a prompt is reused never depends on another tenant's text. A new row always takes the lowest free slot,
+and the longest prefix of its prompt that any slot holds (a voice's reference clip, a text stream's
+previous sentence) is copied there instead of computed again. Busy rows stay packed at the bottom: when a leaving row leaves a hole and the step's
 batch-size bucket would shrink, the highest row moves down into it (a :class:`SlotCopy` in the plan), so
 the step's size follows the number of busy rows, not the slot number one of them happens to hold; the
 prefix the hole held moves up into the slot the row left (through a spare slot, index ``max_batch``,
@@ -25,14 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def text_key(token_id: int) -> Hashable:
-    """The identity of a backbone position holding a text token."""
-    return ("text", int(token_id))
+def text_key(token_id: int, owner: Hashable = None) -> Hashable:
+    """The identity of a backbone position holding a text token of ``owner`` (``None``: shared by all)."""
+    return ("text", owner, int(token_id))
 
 
-def frame_key(codes: Sequence[int]) -> Hashable:
-    """The identity of a backbone position holding an audio frame (its codebook ids)."""
-    return ("audio", tuple(map(int, codes)))
+def frame_key(codes: Sequence[int], owner: Hashable = None) -> Hashable:
+    """The identity of a backbone position holding an audio frame (its codebook ids) of ``owner``."""
+    return ("audio", owner, tuple(map(int, codes)))
 
 
 def common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
@@ -68,12 +70,14 @@ def bucket(rows: int, slots: int) -> int:
 @dataclass
 class Piece:
     """One generation of a stream: a prompt of ``length`` positions (``key``: their identities, or
-    ``None`` for no reuse) and at most ``max_frames`` frames. ``work`` is the model's own data."""
+    ``None`` for no reuse) and at most ``max_frames`` frames, whose positions belong to ``owner`` (the
+    request's tenant). ``work`` is the model's own data."""
 
     length: int
     max_frames: int
     key: Sequence[Hashable] | None = None
     work: Any = None
+    owner: Hashable = None
 
 
 @dataclass(eq=False)
@@ -188,7 +192,7 @@ class Scheduler:
         """``row`` made a frame; it was fed back at the next position (that position's identity is known)."""
         cached = self.cached[row.slot]
         if row.piece.key is not None and len(cached) == row.piece.length + row.frames:
-            cached.append(frame_key(codes))
+            cached.append(frame_key(codes, row.piece.owner))
         row.frames += 1
 
     def release(self, row: Row, *, keep_cache: bool = True) -> None:

@@ -2,7 +2,9 @@
 stream's audio to its coroutine without ever waiting on one.
 
 The event loop never runs the model. ``stream(request)`` queues a request (bounded: a full queue is
-:class:`Overloaded`); the thread admits it into a free slot when there is one, and from then on each
+:class:`Overloaded`; only live requests count, and a cancelled one leaves the queue at once); the thread
+admits it into a free slot when there is one, the tenants taking turns
+(:class:`~csmserve.engine.intake.Intake`: the fewest rows first, then round-robin), and from then on each
 step of the :class:`~csmserve.engine.scheduler.Scheduler`'s plan gives it one frame (or one chunk of
 its prompt's prefill). A frame goes to the stream's bounded channel only when the stream has credit
 (room in its channel); a stream without credit sits the step out but keeps its slot, so one slow
@@ -29,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from csmserve.engine import Capacity, SynthesisRequest
+from csmserve.engine.intake import Intake
 from csmserve.engine.scheduler import Piece, Row, Scheduler, SlotCopy, StepPlan
 from csmserve.errors import (
     ClientTooSlow,
@@ -191,7 +194,8 @@ class ModelWorker:
         self.scheduler = Scheduler(max_batch, prefill_chunk, prefix_reuse)
         self.max_lag_s = max_lag_s
         self.max_buffered = max_buffered
-        self._streams: queue.Queue[Stream] = queue.Queue(maxsize=max_queued)
+        #: Streams waiting for a row, one line per tenant (live ones only count toward ``max_queued``).
+        self._streams = Intake(maxsize=max_queued)
         self._calls: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._wake = threading.Event()
         self._setup = setup
@@ -363,14 +367,19 @@ class ModelWorker:
             call()
 
     def _admit(self) -> None:
+        """Drop cancelled requests from the queue (a cancel wakes the thread), then fill free slots from
+        it: the tenant with the fewest rows first, then in turn."""
+        self._streams.purge()
+        rows = Counter(row.stream.request.tenant for row in self.scheduler.rows)
         while self.scheduler.free_slots():
             try:
-                stream = self._streams.get_nowait()
+                stream = self._streams.get_nowait(rows.__getitem__)
             except queue.Empty:
                 return
-            if stream.cancelled.is_set():
+            if stream.cancelled.is_set():  # cancelled since the line was purged
                 continue
             stream.carry = self.continuations.get(stream.request.continuation)
+            rows[stream.request.tenant] += 1
             row = Row(stream)
             try:
                 piece = self.model.next_piece(stream)

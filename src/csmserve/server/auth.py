@@ -3,6 +3,10 @@
 
 Open without a key: ``/health`` and ``/ready`` (probes), the demo page and its assets (a person
 types the key into it), and ``/metrics`` unless ``protect_metrics``.
+
+A request acts for a *tenant* (:func:`tenant_of`): its key's id (``key-1``, ``key-2``, ...: the key's
+place in the configured list, never the key), or its client address when keys are off. Admission
+gives each tenant its own quota of streams, and the engine shares rows and cached prompts by it.
 """
 
 from __future__ import annotations
@@ -25,12 +29,26 @@ class KeyChecker:
         return bool(self._keys)
 
     def valid(self, candidate: str | None) -> bool:
+        return self.key_id(candidate) is not None
+
+    def key_id(self, candidate: str | None) -> str | None:
+        """The id of the key ``candidate`` is (``key-<n>``, its place in the list from 1), or None."""
         if not candidate:
-            return False
+            return None
         given = candidate.encode()
         # Compare against every key, always, so timing says nothing about which one matched.
         results = [hmac.compare_digest(given, key) for key in self._keys]
-        return any(results)
+        return next((f"key-{n}" for n, matched in enumerate(results, 1) if matched), None)
+
+
+def tenant_of(conn: HTTPConnection, keys: KeyChecker) -> str:
+    """Whom ``conn`` acts for: the id of the key it presents when keys are on (a WebSocket that sends
+    its key in a message learns its tenant then: ``Socket.accept_key``), else its client's address
+    (``client 203.0.113.7``; behind a proxy, the address uvicorn takes from ``X-Forwarded-For`` when
+    the proxy's address is in ``FORWARDED_ALLOW_IPS``)."""
+    if keys.enabled:
+        return keys.key_id(presented_key(conn)) or "no key"
+    return f"client {conn.client.host}" if conn.client else "client unknown"
 
 
 def key_id(key: str) -> str:

@@ -13,7 +13,7 @@ from csmserve.engine import Engine
 from csmserve.errors import CsmServeError
 from csmserve.metrics import Metrics
 from csmserve.server.admission import Admission
-from csmserve.server.auth import KeyChecker
+from csmserve.server.auth import KeyChecker, tenant_of
 from csmserve.server.store import AudioStore
 from csmserve.server.watchdog import Watchdog
 from csmserve.speech import Speech
@@ -35,6 +35,10 @@ class ServerState:
     load_error: CsmServeError | None = None
     #: Voice uploads decode here, off the event loop, a few at a time (set when the app starts).
     decoders: anyio.CapacityLimiter | None = None
+
+    def tenant(self, conn: HTTPConnection) -> str:
+        """Whom ``conn``'s requests act for: its key's id, or its client address (:func:`tenant_of`)."""
+        return tenant_of(conn, self.keys)
 
     @property
     def ready(self) -> bool:

@@ -52,11 +52,11 @@ class ClientGone(Exception):
 
 
 class Slot:
-    """One admitted request: its stream slot, deadline and outcome. Leave it exactly once."""
+    """One admitted request of ``tenant``: its stream slot, deadline and outcome. Leave it exactly once."""
 
-    def __init__(self, state: ServerState, endpoint: str):
-        state.admission.enter(endpoint)  # raises Overloaded (429) when full or draining
-        self.state, self.endpoint = state, endpoint
+    def __init__(self, state: ServerState, endpoint: str, tenant: str | None = None):
+        state.admission.enter(endpoint, tenant)  # raises Overloaded (429) when full, over quota or draining
+        self.state, self.endpoint, self.tenant = state, endpoint, tenant
         self.deadline = time.monotonic() + state.settings.request_timeout_s
         self._left = False
 
@@ -69,7 +69,7 @@ class Slot:
     def leave(self, outcome: str, stats: StreamStats | None = None) -> None:
         if not self._left:
             self._left = True
-            self.state.admission.leave()
+            self.state.admission.leave(self.tenant)
             self.state.metrics.finished(self.endpoint, outcome, stats)
 
 
@@ -111,14 +111,14 @@ async def until_disconnect(request: Request, slot: Slot, work: Callable[[], Awai
 
 async def collected(
     request: Request, state: ServerState, endpoint: str, work: Callable[[], Awaitable[None]], render: Render,
-    stats: StreamStats | None = None,
+    stats: StreamStats | None = None, tenant: str | None = None,
 ) -> Response | None:
-    """Admit the request and run ``work()`` (which collects a whole file from the engine) under
+    """Admit the request (for ``tenant``) and run ``work()`` (which collects a whole file from the engine) under
     :func:`until_disconnect`, leaving the slot with its outcome. None when it completed, else the
     response to send instead: ``render(error)`` (a refusal, a failure, the deadline), or a 499 when
     the client went away (nobody reads it; the generation was cancelled)."""
     try:
-        slot = Slot(state, endpoint)
+        slot = Slot(state, endpoint, tenant)
     except Overloaded as exc:
         return render(exc)
     try:
@@ -233,12 +233,13 @@ class GuardedStream(Response):
 
 async def guarded_stream(
     state: ServerState, endpoint: str, chunks: AsyncIterator[bytes], media_type: str, render: Render,
-    stats: StreamStats | None = None,
+    stats: StreamStats | None = None, tenant: str | None = None,
 ) -> Response:
-    """Admit the request and start its stream: the response to return, which is ``render(error)`` when
-    it was refused or failed before its first audio (nothing sent yet; the slot is already left)."""
+    """Admit the request (for ``tenant``) and start its stream: the response to return, which is
+    ``render(error)`` when it was refused or failed before its first audio (nothing sent yet; the slot
+    is already left)."""
     try:
-        slot = Slot(state, endpoint)
+        slot = Slot(state, endpoint, tenant)
     except Overloaded as exc:
         await chunks.aclose()
         return render(exc)

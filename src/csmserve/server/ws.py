@@ -30,7 +30,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 
 from csmserve.errors import ClientTooSlow, CsmServeError, MessageTooLarge, Overloaded, Unauthorized
 from csmserve.server.admission import SHUTTING_DOWN, WAITING_ROOM_FULL
-from csmserve.server.auth import key_id, presented_key
+from csmserve.server.auth import key_id, presented_key, tenant_of
 from csmserve.server.pacing import Pacer, delivery_of
 from csmserve.server.state import ServerState
 from csmserve.speech import StreamStats
@@ -105,6 +105,8 @@ class Socket:
         self.authenticated = authenticated
         #: The id of the key it showed (:func:`~csmserve.server.auth.key_id`), for access lines; None without keys.
         self.key_id: str | None = None
+        #: Whom the socket's requests act for (its key's id, or its client address); set with the key.
+        self.tenant: str | None = tenant_of(websocket, state.keys) if authenticated else None
         self.send_lock = asyncio.Lock()
         self.pacer = Pacer(delivery_of(websocket.scope), self.settings.max_lead_s, self.settings.max_lag_s)
         #: The first failure a child task reported (:meth:`fail`); it ends the connection.
@@ -134,9 +136,10 @@ class Socket:
 
     def accept_key(self, key: str | None) -> bool:
         """Whether ``key`` (from a message) is valid; if so the socket leaves the waiting room."""
-        if not self.state.keys.valid(key):
+        tenant = self.state.keys.key_id(key)
+        if tenant is None:
             return False
-        self.authenticated = True
+        self.authenticated, self.tenant = True, tenant
         self.key_id = key_id(key)
         self.release()
         return True

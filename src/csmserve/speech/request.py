@@ -30,7 +30,9 @@ class SpeechRequest:
     or name, a mapped name, ``default``); its clip and transcript go first as context. ``speaker_id``
     None: the voice's own speaker. Neither: the server's default voice when one is set, else speaker 0
     (a bare speaker id). ``max_audio_ms`` None: a budget derived from the text (``Settings.audio_budget_ms``).
-    ``request_id`` names the request in the engine and the log.
+    ``request_id`` names the request in the engine and the log. ``tenant`` is whom the request acts
+    for (:func:`csmserve.server.auth.tenant_of`: an API key's id, or a client address): the engine
+    shares its rows between tenants in turn and never reuses one tenant's cached prompt for another.
     """
 
     text: str
@@ -42,6 +44,7 @@ class SpeechRequest:
     seed: int | None = None
     request_id: str | None = None
     context: tuple[Turn, ...] = ()
+    tenant: str | None = None
 
     def saying(self, text: str) -> SpeechRequest:
         """The same request for another ``text`` (one sentence of a stream)."""

@@ -127,6 +127,7 @@ class Speech:
             voice=turns,
             context=context,
             continuation=continuation,
+            tenant=request.tenant,
         )
 
     async def stream(

@@ -235,11 +235,13 @@ def key_of_authorization(value: str) -> str:
 
 # -- to speech ------------------------------------------------------------------------------------
 def speech_request(
-    voice: VoiceChoice, text: str, *, seed: int | None, request_id: str | None, context: tuple[Turn, ...] = ()
+    voice: VoiceChoice, text: str, *, seed: int | None, request_id: str | None, context: tuple[Turn, ...] = (),
+    tenant: str | None = None,
 ) -> SpeechRequest:
-    """One sentence of a context (or of an HTTP request's text) in the ``voice_id``'s voice."""
+    """One sentence of a context (or of an HTTP request's text) in the ``voice_id``'s voice, for ``tenant``."""
     return SpeechRequest(
-        text=text, speaker_id=voice.speaker_id, voice=voice.voice, seed=seed, request_id=request_id, context=context
+        text=text, speaker_id=voice.speaker_id, voice=voice.voice, seed=seed, request_id=request_id, context=context,
+        tenant=tenant,
     )
 
 

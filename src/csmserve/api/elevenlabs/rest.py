@@ -74,10 +74,10 @@ class Speech:
 
     def __init__(
         self, state: ServerState, voice: VoiceChoice, text: str, output: OutputFormat, seed: int | None,
-        previous: str | None, normalize: bool = True,
+        previous: str | None, normalize: bool = True, tenant: str | None = None,
     ):
         self.state, self.voice, self.text, self.output = state, voice, text, output
-        self.seed, self.previous, self.normalize = seed, previous, normalize
+        self.seed, self.previous, self.normalize, self.tenant = seed, previous, normalize, tenant
         #: The stream's figures (the streamed response is paced by them).
         self.stats = state.speech.stats()
 
@@ -97,7 +97,9 @@ class Speech:
         for i, sentence in enumerate(spoken_sentences(self.text, self.normalize)):
             context = self._context() if i == 0 else ()
             said = sentence.text.strip()
-            request = speech_request(self.voice, said, seed=self.seed, request_id=request_id.get(), context=context)
+            request = speech_request(
+                self.voice, said, seed=self.seed, request_id=request_id.get(), context=context, tenant=self.tenant
+            )
             aligner.start(sentence)
             async with contextlib.aclosing(audio.speak(request)) as chunks:
                 async for chunk in chunks:
@@ -145,7 +147,8 @@ async def parse(request: Request, voice_id: str) -> Speech | JSONResponse:
     if voice is None:
         return detail(404, "voice_not_found", voice_not_found(voice_id))
     # Blank previous_text says nothing: no context turn (a text-only turn needs words).
-    return Speech(state, voice, text, output, seed, previous if previous and previous.strip() else None, normalize)
+    previous = previous if previous and previous.strip() else None
+    return Speech(state, voice, text, output, seed, previous, normalize, state.tenant(request))
 
 
 async def respond(voice_id: str, request: Request, *, streamed: bool, timestamps: bool) -> Response:
@@ -156,7 +159,9 @@ async def respond(voice_id: str, request: Request, *, streamed: bool, timestamps
     if streamed:
         body = timed_lines(speech) if timestamps else audio_bytes(speech)
         media_type = "application/x-ndjson" if timestamps else speech.output.media_type
-        return await guarded_stream(speech.state, ENDPOINT, body, media_type, error_response, speech.stats)
+        return await guarded_stream(
+            speech.state, ENDPOINT, body, media_type, error_response, speech.stats, tenant=speech.tenant
+        )
     return await whole_file(request, speech, timestamps)
 
 
@@ -172,7 +177,7 @@ async def whole_file(request: Request, speech: Speech, timestamps: bool) -> Resp
                 if chars is not None:
                     aligned.append(chars)
 
-    failure = await collected(request, speech.state, ENDPOINT, collect, error_response)
+    failure = await collected(request, speech.state, ENDPOINT, collect, error_response, tenant=speech.tenant)
     if failure is not None:
         return failure
     if not timestamps:

@@ -12,6 +12,10 @@ Closing a context (``close_context``) has two meanings in practice, told apart b
 
 ``close_socket`` ends every context the same way, then the connection. On ``stream-input`` (one
 context, no ids) ``{"text": ""}`` ends the input: the rest is spoken, ``isFinal`` sent, the socket closed.
+
+A closed context still counts toward the connection's limit on contexts until its audio has ended (its
+``isFinal``: :meth:`ContextSession.ended`), whether it finishes or stops: open, flush, close in a loop
+never has more contexts speaking than the limit.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class Context:
     text: ContextText
     #: The last input was a flush: closing lets the flushed text finish.
     flushed: bool = False
+    #: Told to stop (barge-in): its generation ends within a frame, then its isFinal.
+    stopped: bool = False
     runner: Any = None
     #: Characters of text received on this context so far (bounded by ``max_stream_chars``).
     chars: int = 0
@@ -68,7 +74,7 @@ class ContextSession:
     """The contexts of one connection; ``multi`` for multi-stream-input, else stream-input.
 
     A client spends only its own share: a context carries at most ``max_stream_chars`` characters of
-    text, and at most ``min(max_contexts, MAX_CONTEXTS)`` contexts are open at once."""
+    text, and at most ``min(max_contexts, MAX_CONTEXTS)`` contexts are open or still speaking at once."""
 
     def __init__(
         self, *, multi: bool, auto_mode: bool, max_text_chars: int, max_stream_chars: int = 100_000,
@@ -80,8 +86,9 @@ class ContextSession:
         self.auto_mode = auto_mode
         self.max_text_chars = max_text_chars
         self.contexts: dict[str, Context] = {}
-        #: Closed after a flush and still speaking: a second close_context (barge-in) stops them.
-        self.finishing: dict[str, Context] = {}
+        #: Closed and not yet ended (finishing after a flush, or stopping): they still count toward
+        #: ``max_contexts``; a second close_context (barge-in) stops the finishing ones.
+        self.closing: list[Context] = []
         #: stream-input's generation_config of the first message applies to the whole connection.
         self._schedule: tuple[int, ...] | None = None
         self.closed = False
@@ -113,8 +120,11 @@ class ContextSession:
         cid = message.context_id or DEFAULT_CONTEXT
         context = self.contexts.get(cid)
         if context is None:
-            if len(self.contexts) >= self.max_contexts:
-                raise InvalidRequest(f"{self.max_contexts} contexts are open on this connection; close one first")
+            if len(self.contexts) + len(self.closing) >= self.max_contexts:
+                raise InvalidRequest(
+                    f"{self.max_contexts} contexts are open or still speaking on this connection; "
+                    "close one and wait for its isFinal"
+                )
             schedule = message.schedule or self._schedule or DEFAULT_SCHEDULE
             if not self.multi:
                 self._schedule = schedule
@@ -149,10 +159,11 @@ class ContextSession:
 
     # -- closing ------------------------------------------------------------------------------
     def _close(self, context: Context, actions: Actions) -> None:
+        self.closing.append(context)
         if context.flushed:
-            self.finishing[context.id] = context
             actions.finish.append(context)
         else:
+            context.stopped = True
             actions.cancel.append(context)
 
     def _close_context(self, context_id: str) -> Actions:
@@ -160,8 +171,11 @@ class ContextSession:
         context = self.contexts.pop(context_id, None)
         if context is not None:
             self._close(context, actions)
-        elif context_id in self.finishing:
-            actions.cancel.append(self.finishing.pop(context_id))
+            return actions
+        for closing in self.closing:  # a finishing context of that id: barge-in stops it
+            if closing.id == context_id and not closing.stopped:
+                closing.stopped = True
+                actions.cancel.append(closing)
         # Else already ended (barge-in races with the end of a turn): nothing to do, no error.
         return actions
 
@@ -174,6 +188,6 @@ class ContextSession:
         return actions
 
     def ended(self, context: Context) -> None:
-        """The adapter says ``context`` has sent its ``isFinal``."""
-        if self.finishing.get(context.id) is context:
-            del self.finishing[context.id]
+        """The adapter says ``context`` has sent its ``isFinal``: it no longer counts."""
+        if context in self.closing:
+            self.closing.remove(context)

@@ -172,8 +172,8 @@ class ContextRunner:
             if tail:
                 await conn.socket.send_json(self.message(tail, self.aligner.chunk(tail)), audio.stats)
         self.count("cancelled" if self.stopped else "ok")
+        conn.session.ended(self.context)  # its audio has ended: it no longer counts toward the socket's limit
         await conn.socket.send_json(final_message(self.context_id))
-        conn.session.ended(self.context)
 
     async def speak(self, sentence: str, audio: SentenceStream, first: bool) -> None:
         """Generate one sentence and send its audio, each chunk with the characters it speaks.
@@ -182,14 +182,17 @@ class ContextRunner:
         current_request_id.set(self.context.id)  # the log filter strips its control characters
         spoken = normalize_for_speech(sentence, conn.query.normalize)
         self.aligner.start(spoken if first else Normalized.unchanged(" ") + spoken)
+        tenant = conn.socket.tenant
         try:
-            state.admission.enter(ENDPOINT)
+            state.admission.enter(ENDPOINT, tenant)
         except Overloaded as exc:
             self.count("rejected")
             await conn.refuse(exc, "overloaded", "too_many_concurrent_requests")
         failure: CsmServeError | None = None
         try:
-            request = speech_request(conn.voice, spoken.text, seed=conn.query.seed, request_id=self.context.id)
+            request = speech_request(
+                conn.voice, spoken.text, seed=conn.query.seed, request_id=self.context.id, tenant=tenant
+            )
             with deadline(conn.settings.request_timeout_s):
                 async with contextlib.aclosing(audio.speak(request)) as chunks:
                     async for chunk in chunks:  # closed on any exit: the engine stops generating
@@ -202,7 +205,7 @@ class ContextRunner:
             log.exception("context %s failed", clean_id(self.context.id))
             failure = GenerationFailed("generation failed")
         finally:
-            state.admission.leave()
+            state.admission.leave(tenant)
         if failure is not None:
             self.count(outcome_of(failure))
             log.warning("context %s failed: %s", clean_id(self.context.id), failure.message)

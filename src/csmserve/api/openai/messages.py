@@ -135,11 +135,11 @@ class SpeechBody(BaseModel):
             raise InvalidRequest(f"seed must be an integer from 0 to {MAX_SEED}", "seed")
         return value
 
-    def to_speech_request(self, request_id: str | None) -> SpeechRequest:
+    def to_speech_request(self, request_id: str | None, tenant: str | None = None) -> SpeechRequest:
         """What to say (the input's spoken form: OpenAI's API has no switch for it), in the chosen
-        voice (a registered voice speaks as its own speaker)."""
+        voice (a registered voice speaks as its own speaker), for ``tenant``."""
         return SpeechRequest(
             text=spoken_text(self.input), speaker_id=self.voice.speaker_id, voice=self.voice.voice, seed=self.seed,
-            request_id=request_id,
+            request_id=request_id, tenant=tenant,
         )
 

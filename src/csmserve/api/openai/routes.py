@@ -85,14 +85,14 @@ async def speech(request: Request) -> Response:
     streamed = wants_stream(request, body)
     encoder = make_container_encoder(body.response_format, whole_file=not streamed)
     sink = AudioSink(encoder, state.speech.stats())
-    spoken = body.to_speech_request(request_id.get())
+    spoken = body.to_speech_request(request_id.get(), state.tenant(request))
     if not streamed:  # a whole file: collected under the same rule, sent with its complete headers
         return await whole_file(request, state, spoken, sink)
     if body.stream_format == "audio":
         chunks, media_type = state.speech.stream(spoken, sink), encoder.media_type
     else:
         chunks, media_type = events(state, spoken, sink, len(body.input)), "text/event-stream"
-    return await guarded_stream(state, ENDPOINT, chunks, media_type, error_response, sink.stats)
+    return await guarded_stream(state, ENDPOINT, chunks, media_type, error_response, sink.stats, spoken.tenant)
 
 
 async def events(state: ServerState, spoken: SpeechRequest, sink: AudioSink, text: int) -> AsyncIterator[bytes]:
@@ -118,7 +118,7 @@ async def whole_file(request: Request, state: ServerState, spoken: SpeechRequest
             async for data in chunks:
                 parts.append(data)
 
-    failure = await collected(request, state, ENDPOINT, collect, error_response, sink.stats)
+    failure = await collected(request, state, ENDPOINT, collect, error_response, sink.stats, spoken.tenant)
     if failure is not None:
         return failure
     return Response(b"".join(parts), media_type=sink.media_type)

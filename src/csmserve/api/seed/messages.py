@@ -340,9 +340,9 @@ class GenerateRequest(BaseModel):
             raise InvalidRequest("normalize must be true or false")
         return value
 
-    def to_speech_request(self) -> SpeechRequest:
-        """What to say (the text's spoken form, unless ``normalize`` is off). ``speaker_id`` only when
-        the client sent it: a named voice brings its own."""
+    def to_speech_request(self, tenant: str | None = None) -> SpeechRequest:
+        """What to say (the text's spoken form, unless ``normalize`` is off), for ``tenant``.
+        ``speaker_id`` only when the client sent it: a named voice brings its own."""
         return SpeechRequest(
             text=spoken_text(self.text, self.normalize),
             speaker_id=self.speaker_id if "speaker_id" in self.model_fields_set else None,
@@ -353,6 +353,7 @@ class GenerateRequest(BaseModel):
             seed=self.seed,
             request_id=self.request_id,
             context=tuple(SpeechTurn(t.speaker_id, t.text, t.audio) for t in self.context),
+            tenant=tenant,
         )
 
     def output_sink(self, stats: StreamStats) -> AudioSink:

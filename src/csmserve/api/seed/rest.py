@@ -42,13 +42,14 @@ async def generate(request: Request) -> Response:
     # 16-bit PCM at the requested rate; a G.711 format is applied by the WAV writer.
     sink = parsed.model_copy(update={"chunk_ms": 1000, "format": "pcm_s16le"}).output_sink(state.speech.stats())
     pcm = bytearray()
+    tenant = state.tenant(request)
 
     async def collect() -> None:
-        async with contextlib.aclosing(state.speech.stream(parsed.to_speech_request(), sink)) as chunks:
+        async with contextlib.aclosing(state.speech.stream(parsed.to_speech_request(tenant), sink)) as chunks:
             async for chunk in chunks:
                 pcm.extend(chunk)
 
-    failure = await collected(request, state, ENDPOINT, collect, error_response, sink.stats)
+    failure = await collected(request, state, ENDPOINT, collect, error_response, sink.stats, tenant)
     if failure is not None:
         return failure
     wav = pcm16_to_wav(bytes(pcm), parsed.sample_rate, parsed.format)

@@ -192,15 +192,16 @@ class Connection:
         if job.final:
             await self.end_stream(job)
             return
+        tenant = self.socket.tenant
         try:
-            self.state.admission.enter(ENDPOINT)
+            self.state.admission.enter(ENDPOINT, tenant)
         except Overloaded as exc:
             self.end_access(job, "rejected")
             await self.refuse(exc, "overloaded", request.request_id)
         try:
             final = await self.stream(job)
         finally:
-            self.state.admission.leave()
+            self.state.admission.leave(tenant)
         if final is not None:  # sent with the slot already free: a slow reader holds only its connection
             await self.send_json(final)
 
@@ -225,10 +226,10 @@ class Connection:
         speech, request, stream = self.state.speech, job.request, job.stream
         if stream is None:
             sink = request.output_sink(speech.stats(job.received_at))
-            return sink, speech.stream(request.to_speech_request(), sink)
+            return sink, speech.stream(request.to_speech_request(self.socket.tenant), sink)
         if stream.audio is None:
             stream.audio = speech.sentences(request.output_sink(speech.stats(stream.started_at)))
-        return stream.audio.sink, stream.audio.speak(request.to_speech_request())
+        return stream.audio.sink, stream.audio.speak(request.to_speech_request(self.socket.tenant))
 
     async def stream(self, job: Job) -> dict | None:
         """Stream one job's audio; the frame that ends it (``done`` or an error), for the caller to send."""
