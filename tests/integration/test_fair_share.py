@@ -278,6 +278,6 @@ async def test_a_talking_stream_keeps_stepping_while_voice_uploads_encode(tenant
     await until(lambda: tenants_server.engine.capacity().active == 0)
     async with httpx.AsyncClient(base_url=tenants_server.http, timeout=120) as http:
         alone = (await upload(http, HOG, "upload-alone")).json()["id"]
-    voices = tenants_server.app.state.csm.voices
+    voices = tenants_server.app.state.csm.voices.store
     for answer in answers:
         assert np.array_equal(voices.codes(answer.json()["id"]), voices.codes(alone))
