@@ -144,7 +144,9 @@ class VoiceSearch(BaseModel):
 
     @staticmethod
     def _found(voice: dict, term: str) -> bool:
-        fields = [voice["voice_id"], voice["name"], voice["category"], voice["description"] or "", *voice["labels"].values()]
+        """Whether ``term`` is in the voice's name, description, category or labels, as ElevenLabs searches
+        (not in its id: a random id would match short terms by chance; ``voice_ids`` selects by id)."""
+        fields = [voice["name"], voice["category"], voice["description"] or "", *voice["labels"].values()]
         return any(term in text.casefold() for text in fields)
 
     def page(self, voices: list[dict]) -> dict:
