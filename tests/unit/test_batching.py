@@ -297,3 +297,23 @@ async def test_start_up_prepares_every_bucket_and_says_how_many_streams_run_in_r
         assert capacity.realtime_streams is not None and 0 <= capacity.realtime_streams <= 4
     finally:
         await engine.close()
+
+
+async def test_a_request_without_top_k_draws_from_every_id_through_the_engine(tiny_model_dir):
+    """The engine path (a piece's settings written when it starts) keeps the step's candidates in step with
+    each row's top-k: with every id equally likely and no top-k, a request's codes spread over all 2048 ids,
+    not over the 64 candidates of the small variant."""
+    flat = load_csm(str(tiny_model_dir), "cpu", "float32")
+    with torch.no_grad():  # all logits equal: a draw is uniform over whatever candidates the step keeps
+        flat.model.lm_head.weight.zero_()
+        flat.model.depth_decoder.codebooks_head.weight.zero_()
+    engine, recording = await started(flat)
+    try:
+        await collect(engine, SynthesisRequest(text="Every id.", max_audio_ms=1600, seed=1, top_k=2048, request_id="all"))
+        await collect(engine, SynthesisRequest(text="Fifty ids.", max_audio_ms=1600, seed=1, top_k=50, request_id="few"))
+    finally:
+        await engine.close()
+    spread = {code for frame in recording.codes["all"] for code in frame}
+    narrow = {code for frame in recording.codes["few"] for code in frame}
+    assert len(spread) > 200 and max(spread) >= 1024
+    assert len(narrow) <= 64

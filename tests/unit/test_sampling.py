@@ -146,3 +146,13 @@ def test_a_step_uses_few_candidates_only_when_every_rows_top_k_fits():
     """64 candidates while every decoding row's top-k is at most 64 (greedy counts as 1); all ids otherwise."""
     assert candidates([(50, 50), (1, 1)], 64, 2048) == 64
     assert candidates([(50, 50), (2048, 50)], 64, 2048) == 2048
+
+
+def test_the_tables_host_copy_of_top_k_follows_every_write_and_copy():
+    """The step picks its candidate count from the host copy: it must say what the device table holds."""
+    table = SamplingTable(3, 2048, "cpu")
+    table.write(0, RowSampling(Sampling(True, 0.9, None), Sampling(True, 0.9, 50), seed=1))
+    table.write(1, RowSampling(GREEDY, GREEDY, 0))
+    table.copy(0, 2)
+    assert table.host_top_k == [(2048, 50), (1, 1), (2048, 50)]
+    assert [tuple(row) for row in table.top_k.tolist()] == table.host_top_k

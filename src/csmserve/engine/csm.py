@@ -178,7 +178,6 @@ class CsmSteps:
 
     # -- StepModel ----------------------------------------------------------------------------------
     def next_piece(self, stream: Stream) -> Piece | None:
-
         from csmserve.engine.prompt import Turn
         from csmserve.engine.runner import RowSampling
 
@@ -226,7 +225,7 @@ class CsmSteps:
             self.decoder.reset([slot])
 
     def start_piece(self, row: Row) -> None:
-        self.runner.sampling.write(row.slot, row.stream.state.sampling)
+        self.runner.start(row.slot, row.stream.state.sampling, reset_codec=False)  # the codec is enter()'s
 
     def copy(self, copies: list[SlotCopy]) -> None:
         for copy in copies:

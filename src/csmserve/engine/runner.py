@@ -122,8 +122,6 @@ class BatchRunner:
         #: Each slot's last backbone hidden state ``(slots, hidden)``: it predicts the slot's next frame.
         self.hidden = torch.zeros(slots, self.hidden_size, device=self.device, dtype=self.dtype)
         self.sampling = SamplingTable(slots, self.valid_ids, self.device)
-        #: Each slot's (backbone, depth) top-k on the host: it picks the step's candidate count.
-        self._top_k = [(1, 1)] * slots
         #: The step variants: candidate counts (a small one, and every id).
         self.candidate_counts = sorted({min(SMALL_TOP_K, self.valid_ids), self.valid_ids})
         #: Per slot: the backbone position the new frame is read at, 1 if decoding this step, the frame counter.
@@ -179,7 +177,6 @@ class BatchRunner:
     def start(self, slot: int, sampling: RowSampling, *, reset_codec: bool = True) -> None:
         """A piece starts on ``slot``: its sampling settings, and (a new utterance) a fresh codec state."""
         self.sampling.write(slot, sampling)
-        self._top_k[slot] = (self.sampling.top_k_of(sampling.backbone), self.sampling.top_k_of(sampling.depth))
         if reset_codec:
             self.decoder.reset([slot])
 
@@ -195,7 +192,6 @@ class BatchRunner:
             self.backbone.copy(src, dst, positions)
             self.hidden[dst] = self.hidden[src]
             self.sampling.copy(src, dst)
-        self._top_k[dst] = self._top_k[src]
         self.decoder.copy(src, dst)
 
     # -- prefill ----------------------------------------------------------------------------------------
@@ -224,7 +220,7 @@ class BatchRunner:
         inputs[:] = (self.backbone.scratch, 0, 0)
         for slot, position, frame in rows:
             inputs[slot] = (position, 1, frame)
-        top_k = candidates([self._top_k[slot] for slot, _, _ in rows], self.candidate_counts[0], self.valid_ids)
+        top_k = candidates([self.sampling.host_top_k[slot] for slot, _, _ in rows], self.candidate_counts[0], self.valid_ids)
         return self._run(size, top_k)
 
     @torch.inference_mode()

@@ -135,7 +135,9 @@ class SamplingTable:
 
     ``temperature`` ``(slots, 2)`` float32 (1 for greedy), ``top_k`` ``(slots, 2)`` int64 (``valid`` for
     no top-k, 1 for greedy), ``do_sample`` ``(slots, 2)`` float32 (1: add the noise, 0: greedy), ``seed`` ``(slots,)``
-    int64. Allocated once; :meth:`write` changes one slot's rows in place.
+    int64. Allocated once; :meth:`write` changes one slot's rows in place. ``host_top_k``: each slot's
+    (backbone, depth) top-k again on the host, kept by :meth:`write` and :meth:`copy`, so a step can pick
+    its candidate count without reading the device.
     """
 
     def __init__(self, slots: int, valid: int, device):
@@ -144,6 +146,7 @@ class SamplingTable:
         self.top_k = torch.full((slots, 2), valid, dtype=torch.long, device=device)
         self.do_sample = torch.zeros(slots, 2, device=device)
         self.seed = torch.zeros(slots, dtype=torch.long, device=device)
+        self.host_top_k: list[tuple[int, int]] = [(valid, valid)] * slots
 
     def buffers(self) -> dict[str, torch.Tensor]:
         return {"temperature": self.temperature, "top_k": self.top_k, "do_sample": self.do_sample, "seed": self.seed}
@@ -157,10 +160,12 @@ class SamplingTable:
         self.top_k[slot] = torch.tensor([v[1] for v in values], device=device)
         self.do_sample[slot] = torch.tensor([v[2] for v in values], device=device)
         self.seed[slot] = row.seed & 0x7FFFFFFFFFFFFFFF
+        self.host_top_k[slot] = (values[0][1], values[1][1])
 
     def copy(self, src: int, dst: int) -> None:
         for buffer in self.buffers().values():
             buffer[dst] = buffer[src]
+        self.host_top_k[dst] = self.host_top_k[src]
 
     def top_k_of(self, sampling: Sampling) -> int:
         """The top-k a stage uses: 1 for greedy (its argmax needs no candidates), ``valid`` for none."""
