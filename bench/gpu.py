@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from load import free_port, wait_healthy  # noqa: E402
 from run import PROMPT, full_size_model, machine, write_section  # noqa: E402
 from streams import streams_at_once  # noqa: E402
 
@@ -204,15 +205,7 @@ def server(model_dir: str, port: int, max_batch: int, tmp: Path, layout: tuple[s
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        while True:
-            if process.poll() is not None:
-                raise SystemExit("the server exited:\n" + log_path.read_text()[-4000:])
-            with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
-                if r.status == 200:
-                    break
-            if time.monotonic() - started > 600:
-                raise SystemExit("the server was not ready within 10 minutes:\n" + log_path.read_text()[-4000:])
-            time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}/health", process, log_path, timeout=600)  # load and capture
         ready_s = time.monotonic() - started
         say(f"  server ready in {ready_s:.1f} s (load, capture of every bucket, warm-up)")
         record("server.ready_s", ready_s)
@@ -258,11 +251,7 @@ def server_table(model_dir: str, streams: list[int], frames: int, layouts=LAYOUT
 
 
 def server_rows(model_dir: str, streams: list[int], frames: int, layout: tuple[str, int]) -> list[dict]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     rows = []
     with tempfile.TemporaryDirectory() as tmp, server(model_dir, port, max(streams), Path(tmp), layout):
         for n in streams:

@@ -243,6 +243,7 @@ class EngineCore:
         if sink is None:
             sink = self.sinks[identity] = IpcSink(self, identity)
         stream = self.worker.new_stream(message.request, sink)
+        self.ids[id(stream)] = key  # until its last item is sent, a failure's too
         try:
             if not self.engine.info.ready:
                 raise NotReady()
@@ -250,7 +251,6 @@ class EngineCore:
             if len(self.streams) >= limit:  # every API worker together (each also admits on its own)
                 raise Overloaded(f"{limit} requests are streaming already; retry shortly")
             self.streams[key] = stream
-            self.ids[id(stream)] = key
             request = message.request
             if any(t.codes is None and t.audio is not None for t in (*request.voice, *request.context)):
                 self._prepare_then_submit(identity, stream)  # a client's turn given as audio: encode it first
@@ -258,9 +258,7 @@ class EngineCore:
                 self.worker.submit(stream)
         except CsmServeError as exc:
             self.streams.pop(key, None)
-            self.ids.pop(id(stream), None)
             self._queue.put(("items", identity, [(stream, Failure(exc))]))
-            self.ids[id(stream)] = key
 
     def _prepare_then_submit(self, identity: bytes, stream: Stream) -> None:
         """Encode the audio of ``stream``'s turns on the engine's encoder (never between steps), then queue it."""

@@ -157,8 +157,12 @@ class BatchRunner:
         return self.model.embed_text_tokens(input_ids.to(self.device))
 
     def embed_frames(self, codes: torch.Tensor) -> torch.Tensor:
-        """Backbone embeddings ``(1, F, hidden)`` for audio frames ``(F, num_codebooks)``: the sum over codebooks."""
-        return self.audio_embed(codes.to(self.device) + self.audio_offsets).sum(dim=1)[None]
+        """Backbone embeddings ``(1, F, hidden)`` for audio frames ``(F, num_codebooks)``."""
+        return self._summed_frames(codes.to(self.device))[None]
+
+    def _summed_frames(self, codes: torch.Tensor) -> torch.Tensor:
+        """``(F, hidden)``: each frame's codebook embeddings summed (how the backbone reads a frame)."""
+        return self.audio_embed(codes + self.audio_offsets).sum(dim=1)
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Every buffer a step reads or writes, by name (allocated once; tests check their addresses)."""
@@ -274,7 +278,7 @@ class BatchRunner:
         frame_codes = torch.stack(codes, dim=1)  # (size, k)
         eos = (frame_codes[:, :-1] == self.eos_id).all(dim=1)
         go = (active > 0) & ~eos
-        embeds = self.audio_embed(frame_codes + self.audio_offsets).sum(dim=1)[:, None]
+        embeds = self._summed_frames(frame_codes)[:, None]
         where = torch.where(go, positions, self.backbone.scratch)
         new = self.backbone.step(embeds, where)[:, 0]
         self.hidden[:size] = torch.where(go[:, None], new, hidden)

@@ -45,11 +45,6 @@ def common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
     return n
 
 
-def is_end_of_audio(codes: Sequence[int], eos_id: int) -> bool:
-    """CSM ends on a frame whose codebooks 0..N-2 are all ``codebook_eos_token_id`` (not yielded)."""
-    return all(c == eos_id for c in codes[:-1])
-
-
 #: Batch sizes a step is built for (one captured graph each on a GPU); rows in between use the next one up.
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 

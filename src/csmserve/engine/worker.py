@@ -115,13 +115,10 @@ class LoopSink:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        #: Hand-overs to the loop so far.
-        self.handovers = 0
 
     def deliver(self, items: list[tuple[Stream, Any]]) -> None:
         try:
             self.loop.call_soon_threadsafe(_deliver, items)
-            self.handovers += 1
         except RuntimeError:  # the loop is closed: nobody is listening
             for stream, _ in items:
                 stream.cancelled.set()
