@@ -41,7 +41,7 @@ from csmserve.server.guard import Guard
 from csmserve.server.hosts import HostRule
 from csmserve.server.state import ServerState
 from csmserve.server.store import AudioStore
-from csmserve.server.watchdog import Watchdog
+from csmserve.engine.watchdog import Watchdog
 from csmserve.speech import Speech
 from csmserve.speech.voices import VoiceBook
 from csmserve.text.normalize import warm_up

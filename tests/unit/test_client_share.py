@@ -12,7 +12,7 @@ from csmserve.api.seed.messages import Limits
 from csmserve.api.seed.session import Session
 from csmserve.engine import Capacity
 from csmserve.logs import ContextFilter, RateLimit, clean_id, redact, request_id
-from csmserve.server.watchdog import Watchdog
+from csmserve.engine.watchdog import Watchdog
 
 
 def text(context_id: str, fragment: str) -> str:

@@ -37,6 +37,7 @@ import numpy as np
 
 from csmserve.config import Settings
 from csmserve.engine import wire
+from csmserve.engine.watchdog import Watchdog
 from csmserve.engine.worker import END, Failure, ModelWorker, Stream
 from csmserve.errors import CsmServeError, NotReady, Overloaded
 
@@ -97,7 +98,8 @@ class EngineCore:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_local = threading.local()
         self._stop = threading.Event()
-        self._progress = (0, time.monotonic())
+        #: The same watch the API keeps: work waiting or generating, and no step for ``stall_timeout_s``.
+        self.watchdog = Watchdog(self.engine.capacity, settings.stall_timeout_s, armed=lambda: self.engine.info.ready)
 
     # -- called from other threads ---------------------------------------------------------------------
     def outgoing(self, identity: bytes, items: list[tuple[Stream, Any]]) -> None:
@@ -184,13 +186,8 @@ class EngineCore:
         for identity, heard in list(self.heard.items()):
             if now - heard > WORKER_TIMEOUT_S:
                 self._forget_worker(identity)
-        capacity = self.engine.capacity()
-        steps, since = self._progress
-        if capacity.steps != steps or not self.engine.info.ready or not (capacity.active or capacity.waiting):
-            self._progress = (capacity.steps, now)
-        elif now - since > self.settings.stall_timeout_s:
-            log.error("the model thread made no progress for %.0f s with work waiting; the engine process "
-                      "exits so that it can be restarted", now - since)
+        if self.watchdog.stalled() is not None:  # the watchdog has logged why
+            log.error("the engine process exits so that it can be restarted")
             return EXIT_STALLED
         return 0
 

@@ -15,7 +15,7 @@ from csmserve.metrics import Metrics
 from csmserve.server.admission import Admission
 from csmserve.server.auth import KeyChecker, tenant_of
 from csmserve.server.store import AudioStore
-from csmserve.server.watchdog import Watchdog
+from csmserve.engine.watchdog import Watchdog
 from csmserve.speech import Speech
 from csmserve.speech.voices import VoiceBook
 

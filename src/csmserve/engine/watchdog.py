@@ -3,7 +3,8 @@
 The engine's :class:`~csmserve.engine.Capacity` carries ``steps``, a monotonic progress counter.
 While requests wait or generate, ``steps`` must move; when it has not moved for ``stall_timeout_s``
 the engine is stuck (a wedged device, a deadlock, a consumer that never lets go): ``/ready`` fails,
-so a load balancer stops sending work, and ``/health`` says why. Idle engines never stall.
+so a load balancer stops sending work, and ``/health`` says why; an engine process that sees it of
+itself exits, to be restarted. Idle engines never stall.
 """
 
 from __future__ import annotations
