@@ -326,7 +326,7 @@ class EngineGroup:
 
     def _pick(self):
         ready = [e for e in self.engines if e.info.ready] or self.engines
-        return max(ready, key=lambda e: e.capacity().free_slots - e.capacity().waiting)
+        return max(ready, key=lambda e: _spare(e.capacity()))
 
     async def encode(self, audio: np.ndarray) -> np.ndarray:
         return await self._pick().encode(audio)
@@ -341,6 +341,11 @@ class EngineGroup:
         if request.continuation is not None:
             engine = self._placed.setdefault(request.continuation.id, engine)
         return engine.synthesize(request)
+
+
+def _spare(capacity: Capacity) -> int:
+    """Rows an engine could give a new request now: free rows less the requests already waiting."""
+    return capacity.free_slots - capacity.waiting
 
 
 def _quiet(future) -> None:
